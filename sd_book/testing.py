@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['Case', 'describe_mismatch', 'run_checks']
 
-# %% ../nbs/00_testing.ipynb #547cce1f
+# %% ../nbs/00_testing.ipynb #eecefe55
 import copy
 import importlib
 import math
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# %% ../nbs/00_testing.ipynb #ce7d9de5
+# %% ../nbs/00_testing.ipynb #1e6383ad
 @dataclass
 class Case:
     "One hidden test case: a description shown on failure, and the arguments to call with."
@@ -23,7 +23,7 @@ class Case:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
 
-# %% ../nbs/00_testing.ipynb #56c11809
+# %% ../nbs/00_testing.ipynb #f0d185ee
 def describe_mismatch(got, expected, atol: float = 1e-5, rtol: float = 1e-5, where: str = "the result") -> str | None:
     "None if `got` matches `expected` to tolerance, else a description of the difference that does not reveal `expected`."
     if isinstance(expected, torch.Tensor):
@@ -50,7 +50,7 @@ def describe_mismatch(got, expected, atol: float = 1e-5, rtol: float = 1e-5, whe
         return None if math.isclose(got, expected, rel_tol=rtol, abs_tol=atol) else f"{where} is {got!r}, which is not the expected value"
     return None if got == expected else f"{where} is {got!r}, which is not the expected value"
 
-# %% ../nbs/00_testing.ipynb #2d357f42
+# %% ../nbs/00_testing.ipynb #dc272621
 def run_checks(fn, reference, cases: list, name: str | None = None, atol: float = 1e-5, rtol: float = 1e-5,
                compare=None, verbose: bool = True) -> bool:
     "Run `fn` and `reference` on each hidden case; print a pass or the first failing case and how it failed; return True if all pass."
@@ -73,13 +73,13 @@ def run_checks(fn, reference, cases: list, name: str | None = None, atol: float 
     say(f"✓ {name}: all {len(cases)} hidden cases pass")
     return True
 
-# %% ../nbs/00_testing.ipynb #414fbc89
+# %% ../nbs/00_testing.ipynb #22c65d6f
 def __getattr__(name: str):
     "Find `check_<name>` helpers defined by the chapters' modules, so they can all be imported from `sd_book.testing`."
     if not name.startswith("check_"): raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import sd_book
     for info in pkgutil.iter_modules(sd_book.__path__):
-        if info.name in ("testing", "_modidx") or info.name.startswith("cli"): continue
+        if info.name in ("testing", "_modidx"): continue
         module = importlib.import_module(f"sd_book.{info.name}")
         if callable(getattr(module, name, None)): return getattr(module, name)
     raise AttributeError(f"No exercise checker named {name!r} in any sd_book module")

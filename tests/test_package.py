@@ -93,3 +93,14 @@ def test_quick_start_has_two_commands():
     block = quick.split("```bash", 1)[1].split("```", 1)[0]
     lines = [l for l in block.splitlines() if l.strip()]
     assert len(lines) == 2 and lines[0].startswith("pip install") and "nbdev_test" in lines[1], lines
+
+
+def test_every_checker_is_importable_from_testing():
+    "Exercises import their checkers from sd_book.testing; each chapter's `check_*` must be found there."
+    import importlib
+    import sd_book.testing as testing
+    checkers = {(m, n) for m in MODULES if m != "testing"
+                for n in dir(importlib.import_module(f"sd_book.{m}")) if n.startswith("check_")}
+    assert checkers, "no chapter defines an exercise checker"
+    for module, name in sorted(checkers):
+        assert getattr(testing, name) is getattr(importlib.import_module(f"sd_book.{module}"), name), f"{name} from sd_book.{module}"
