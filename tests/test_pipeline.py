@@ -1,0 +1,94 @@
+"""The whole SD3.5 pipeline against diffusers' StableDiffusion3Pipeline on a tiny random model saved in
+the real layouts, and its answers to bad input."""
+import warnings
+
+import pytest
+import torch
+
+from pipeline_fixture import load_reference, max_diff, parity_cases
+from sd_book.pipeline import SD3Pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TOLERANCE = 1e-4   # pictures in [0, 1], fp32 on the CPU: the same arithmetic in a different order (measured ~1e-6)
+CASES = list(parity_cases())
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_folder):
+    "(ours, diffusers) with T5 and without it."
+    return {"with T5": (SD3Pipeline.from_pretrained(tiny_folder), load_reference(tiny_folder)),
+            "without T5": (SD3Pipeline.from_pretrained(tiny_folder, t5=False), load_reference(tiny_folder, text_encoder_3=None, tokenizer_3=None))}
+
+
+@pytest.mark.parametrize("t5", ["with T5", "without T5"])
+@pytest.mark.parametrize("case", CASES)
+def test_same_pictures_as_diffusers(pipes, case, t5):
+    ours_kwargs, reference_kwargs, image_to_image = parity_cases()[case]        # fresh: a case's generator is used up by one run
+    ours, reference = pipes[t5]
+    assert max_diff(ours, reference, ours_kwargs, reference_kwargs, image_to_image) < TOLERANCE
+
+
+def test_single_files_give_the_same_pictures(pipes, single_folder):
+    ours_kwargs, reference_kwargs, _ = parity_cases()["text-to-image"]
+    from_single = SD3Pipeline.from_pretrained(single_folder)
+    assert max_diff(from_single, pipes["with T5"][1], ours_kwargs, reference_kwargs) < TOLERANCE
+    assert torch.equal(from_single(**ours_kwargs, output_type="latent", progress=False), pipes["with T5"][0](**ours_kwargs, output_type="latent", progress=False))
+
+
+SMALL = dict(height=32, width=48, num_inference_steps=2, progress=False)
+
+
+def test_empty_prompt_is_allowed(pipes):
+    pictures = pipes["with T5"][0]("", seed=0, **SMALL)
+    assert len(pictures) == 1 and pictures[0].size == (48, 32)
+
+
+def test_negative_steps(pipes):
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive integer, got -2"):
+        pipes["with T5"][0]("a cat", **{**SMALL, "num_inference_steps": -2})
+
+
+def test_guidance_below_one_turns_guidance_off(pipes):
+    ours = pipes["with T5"][0]
+    calls = []
+    hook = ours.mmdit.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        low = ours("a cat", "anything", seed=1, guidance_scale=0.5, output_type="latent", **SMALL)
+        one = ours("a cat", "something else", seed=1, guidance_scale=1.0, output_type="latent", **SMALL)
+    finally: hook.remove()
+    assert calls == [1] * 4                      # a batch of one per step: no negative prompt, no CFG
+    assert torch.equal(low, one)
+
+
+@pytest.mark.parametrize("size", [(1000, 1024), (1024, 1000), (24, 32), (0, 32)])
+def test_size_not_divisible_by_16(pipes, size):
+    with pytest.raises(ValueError, match="must be positive multiples of 16"):
+        pipes["with T5"][0]("a cat", height=size[0], width=size[1], num_inference_steps=1, progress=False)
+
+
+@pytest.mark.parametrize("part", ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"])
+def test_folder_missing_a_component(tiny_folder, tmp_path, part):
+    import shutil
+    shutil.copytree(tiny_folder, tmp_path / "model", ignore=shutil.ignore_patterns(part))
+    with pytest.raises(FileNotFoundError, match=f"it has no {part}/"):
+        SD3Pipeline.from_pretrained(tmp_path / "model")
+
+
+def test_folder_without_t5_runs_with_a_warning(tiny_folder, tmp_path):
+    import shutil
+    shutil.copytree(tiny_folder, tmp_path / "model", ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = SD3Pipeline.from_pretrained(tmp_path / "model")
+    assert pipe.t5 is None and any("running without it" in str(w.message) for w in caught)
+    with pytest.raises(FileNotFoundError, match="t5=True, but"):
+        SD3Pipeline.from_pretrained(tmp_path / "model", t5=True)
+
+
+def test_long_prompt_warns(pipes):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipes["with T5"][0]("a very long prompt " * 30, seed=0, **SMALL, max_sequence_length=64)
+    messages = [str(w.message) for w in caught]
+    for expected in ("CLIP-L reads at most 75 tokens", "CLIP-G reads at most 75 tokens", "T5 reads at most 63 tokens"):
+        assert any(expected in m for m in messages), (expected, messages)
