@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['WHITE_SPACE', 'CLIP_SPECIAL_PIECES', 'BYTE_ENCODER', 'BYTE_DECODER', 'BYTE_TRANSLATION', 'CLIP_BPE_FILE',
-           'CLIP_NUM_MERGES', 'BOS_TOKEN', 'EOS_TOKEN', 'pair_counts', 'merge', 'train_bpe', 'bpe_vocab', 'bpe_encode',
-           'bpe_decode', 'docstring_corpus', 'unicode_ranges', 'clip_split_pattern', 'clip_split', 'clip_normalize',
-           'bytes_to_unicode', 'byte_level', 'bpe_merge', 'load_clip_bpe', 'check_clip_bpe', 'ByteLevelBPE',
-           'AddedToken', 'split_on', 'added_token_pattern', 'read_json', 'read_merges', 'read_clip_files',
-           'clip_special_tokens', 'write_clip_files', 'CLIPTokenizer', 'check_pair_counts', 'check_merge']
+           'CLIP_NUM_MERGES', 'BOS_TOKEN', 'EOS_TOKEN', 'CACHE_SIZE', 'pair_counts', 'merge', 'train_bpe', 'bpe_vocab',
+           'bpe_encode', 'bpe_decode', 'docstring_corpus', 'unicode_ranges', 'clip_split_pattern', 'clip_split',
+           'clip_normalize', 'bytes_to_unicode', 'byte_level', 'bpe_merge', 'load_clip_bpe', 'validate_clip_bpe',
+           'cached', 'end_of_word', 'ByteLevelBPE', 'AddedToken', 'split_on', 'added_token_pattern', 'read_json',
+           'read_merges', 'clip_special_tokens', 'read_clip_files', 'write_clip_files', 'batch_texts', 'id_list',
+           'CLIPTokenizer', 'check_pair_counts', 'check_merge']
 
 # %% ../nbs/03_bpe.ipynb #c32a970c
 import ast
@@ -47,7 +48,7 @@ def merge(ids: list, pair: tuple, new_id: int) -> list:
         else: out.append(ids[i]); i += 1
     return out
 
-# %% ../nbs/03_bpe.ipynb #7c84cced
+# %% ../nbs/03_bpe.ipynb #de1a963e
 def train_bpe(chunks: list, num_merges: int, history: list | None = None) -> dict:
     "Learn up to `num_merges` merges from the byte strings `chunks`: {(a, b): new_id}, new ids 256, 257, ... in the order learned."
     bag = Counter(bytes(c) for c in chunks)                  # distinct chunks and how often each occurs
@@ -55,7 +56,7 @@ def train_bpe(chunks: list, num_merges: int, history: list | None = None) -> dic
     merges = {}
     for new_id in range(256, 256 + num_merges):
         counts = {}
-        for word, w in zip(words, weights): pair_counts(word, counts, w)
+        for word, w in zip(words, weights): counts = pair_counts(word, counts, w)
         if not counts: break                                  # every chunk is a single token
         pair = max(counts, key=counts.get)                    # the first seen among the most frequent
         merges[pair] = new_id
@@ -193,8 +194,8 @@ def load_clip_bpe(path=None) -> tuple:
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
     return {t: i for i, t in enumerate(tokens)}, merges
 
-# %% ../nbs/03_bpe.ipynb #54562f1d
-def check_clip_bpe(vocab: dict, merges: list, source: str = "the vocabulary") -> None:
+# %% ../nbs/03_bpe.ipynb #5c38dbad
+def validate_clip_bpe(vocab: dict, merges: list, source: str = "the vocabulary") -> None:
     "Raise ValueError, naming `source`, unless `vocab` and `merges` form a consistent byte-level BPE with `</w>` word ends."
     if not isinstance(vocab, dict) or not all(isinstance(t, str) and type(i) is int for t, i in vocab.items()):
         raise ValueError(f"{source}: the vocabulary must map token strings to integer ids")
@@ -206,25 +207,39 @@ def check_clip_bpe(vocab: dict, merges: list, source: str = "the vocabulary") ->
         if m[0] not in vocab or m[1] not in vocab or m[0] + m[1] not in vocab:
             raise ValueError(f"{source}: merge {k} {m!r} uses or makes a token that is not in the vocabulary")
 
-# %% ../nbs/03_bpe.ipynb #bffb9a6a
+# %% ../nbs/03_bpe.ipynb #bf1bf258
+CACHE_SIZE = 100_000
+
+def cached(cache: dict, key, compute):
+    "`cache[key]`, or `compute(key)` on a miss, stored only while the cache holds fewer than CACHE_SIZE entries (so unique strings cannot grow it without limit)."
+    value = cache.get(key)
+    if value is None:
+        value = compute(key)
+        if len(cache) < CACHE_SIZE: cache[key] = value
+    return value
+
+# %% ../nbs/03_bpe.ipynb #0fe96055
+def end_of_word(chunk: str) -> list:
+    "The symbols BPE starts from for one chunk: its UTF-8 bytes as GPT-2's byte characters, `</w>` appended to the last."
+    chars = byte_level(chunk)
+    return [*chars[:-1], chars[-1] + "</w>"]
+
+# %% ../nbs/03_bpe.ipynb #f0579543
 class ByteLevelBPE:
     "Byte-level BPE with `</w>` word ends: a vocabulary {token: id}, ranked merges, and a cache of encoded chunks."
-    cache_size = 100_000
-
     def __init__(self, vocab: dict, merges: list):
         self.vocab, self.merges = dict(vocab), [tuple(m) for m in merges]
         self.ranks = {m: r for r, m in enumerate(self.merges)}
         self.id_to_token = {i: t for t, i in self.vocab.items()}
         self.cache = {}
 
+    def merge_chunk(self, chunk: str) -> list:
+        "Token ids of one pre-split chunk of normalised text, computed: `end_of_word` symbols merged by rank."
+        return [self.vocab[s] for s in bpe_merge(end_of_word(chunk), self.ranks)]
+
     def encode_chunk(self, chunk: str) -> list:
-        "Token ids of one pre-split chunk of normalised text."
-        ids = self.cache.get(chunk)
-        if ids is None:
-            chars = byte_level(chunk)
-            ids = [self.vocab[s] for s in bpe_merge([*chars[:-1], chars[-1] + "</w>"], self.ranks)]
-            if len(self.cache) < self.cache_size: self.cache[chunk] = ids
-        return ids
+        "Token ids of one pre-split chunk of normalised text, from the cache when it was seen before."
+        return cached(self.cache, chunk, self.merge_chunk)
 
     def token_bytes(self, token: str) -> bytes:
         "The bytes a token stands for (its UTF-8 text when it is not written in byte characters)."
@@ -267,12 +282,27 @@ def read_merges(path: Path) -> list:
         merges.append(tuple(pair))
     return merges
 
-# %% ../nbs/03_bpe.ipynb #be749e20
+# %% ../nbs/03_bpe.ipynb #b0ee183a
 def _token_content(spec) -> tuple:
     "(content, normalized or None) of a special-token entry of a config: a string or a dict with 'content'."
     if isinstance(spec, dict): return spec["content"], spec.get("normalized")
     return spec, None
 
+def clip_special_tokens(config: dict, listed: list) -> dict:
+    "bos_token, eos_token, pad_token and added_tokens for CLIPTokenizer from a tokenizer config and its listed added tokens."
+    for t in listed:
+        if any(t.get(k) for k in ("lstrip", "rstrip", "single_word")): raise ValueError(f"Added token {t['content']!r} uses lstrip/rstrip/single_word, which CLIPTokenizer does not support")
+    added = {t["content"]: AddedToken(t["content"], bool(t.get("normalized")), bool(t.get("special", True))) for t in sorted(listed, key=lambda t: t["id"])}
+    names = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
+    implicit = {}
+    for key, default in names.items():
+        content, normalized = _token_content(config.get(key) or default)
+        names[key] = content
+        if content not in added: implicit[content] = implicit.get(content, True) and bool(normalized)
+    tokens = list(added.values()) + [AddedToken(c, n) for c, n in implicit.items()]
+    return {"bos_token": names["bos_token"], "eos_token": names["eos_token"], "pad_token": names["pad_token"], "added_tokens": tokens}
+
+# %% ../nbs/03_bpe.ipynb #1cbf8f0c
 def read_clip_files(path, subfolder: str | None = None) -> dict:
     "CLIPTokenizer's arguments from a Hugging Face tokenizer folder, or from the path of its vocab.json or tokenizer.json."
     path = Path(path) / (subfolder or "")
@@ -291,25 +321,9 @@ def read_clip_files(path, subfolder: str | None = None) -> dict:
         if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>": raise ValueError(f"{source} is not a CLIP tokenizer: expected a BPE model with end_of_word_suffix '</w>'")
         vocab, merges = model["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     else: raise FileNotFoundError(f"No CLIP tokenizer in {folder}: expected vocab.json and merges.txt (or tokenizer.json)")
-    check_clip_bpe(vocab, merges, str(source))
     config = {k: v for f in ("special_tokens_map.json", "tokenizer_config.json") if (folder / f).is_file() for k, v in read_json(folder / f).items()}
     added += [{"id": int(i), **t} for i, t in config.get("added_tokens_decoder", {}).items()]
-    return {"vocab": vocab, "merges": merges, **clip_special_tokens(config, added)}
-
-# %% ../nbs/03_bpe.ipynb #44e99b19
-def clip_special_tokens(config: dict, listed: list) -> dict:
-    "bos_token, eos_token, pad_token and added_tokens for CLIPTokenizer from a tokenizer config and its listed added tokens."
-    for t in listed:
-        if any(t.get(k) for k in ("lstrip", "rstrip", "single_word")): raise ValueError(f"Added token {t['content']!r} uses lstrip/rstrip/single_word, which CLIPTokenizer does not support")
-    added = {t["content"]: AddedToken(t["content"], bool(t.get("normalized")), bool(t.get("special", True))) for t in sorted(listed, key=lambda t: t["id"])}
-    names = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
-    implicit = {}
-    for key, default in names.items():
-        content, normalized = _token_content(config.get(key) or default)
-        names[key] = content
-        if content not in added: implicit[content] = implicit.get(content, True) and bool(normalized)
-    tokens = list(added.values()) + [AddedToken(c, n) for c, n in implicit.items()]
-    return {"bos_token": names["bos_token"], "eos_token": names["eos_token"], "pad_token": names["pad_token"], "added_tokens": tokens}
+    return {"vocab": vocab, "merges": merges, "source": str(source), **clip_special_tokens(config, added)}
 
 # %% ../nbs/03_bpe.ipynb #35cf494f
 def write_clip_files(folder, vocab: dict, merges: list, added: dict, bos_token: str, eos_token: str, pad_token: str) -> list:
@@ -325,31 +339,55 @@ def write_clip_files(folder, vocab: dict, merges: list, added: dict, bos_token: 
     for name, content in files.items(): (folder / name).write_text(content, encoding="utf-8")
     return [folder / name for name in files]
 
-# %% ../nbs/03_bpe.ipynb #ace44457
+# %% ../nbs/03_bpe.ipynb #f86edce3
+def batch_texts(texts, max_length, reserved: int, what: str) -> list:
+    "`texts` (a string or a list of strings) as a list, after checking it, and that `max_length` has room for the `reserved` special tokens (`what`)."
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, (list, tuple)): raise TypeError(f"Expected a string or a list of strings, got {type(texts).__name__}")
+    if (bad := next((k for k, t in enumerate(texts) if not isinstance(t, str)), None)) is not None:
+        raise TypeError(f"Expected a string or a list of strings, but texts[{bad}] is of type {type(texts[bad]).__name__}")
+    if not isinstance(max_length, int) or max_length < reserved: raise ValueError(f"max_length={max_length!r} cannot hold {what}: it must be an integer >= {reserved}")
+    return list(texts)
+
+def id_list(ids, known) -> list:
+    "Token `ids` (a list of integers or a 1-D tensor) as a list of ints, with an error naming the first one that is not in `known`, the valid ids."
+    if isinstance(ids, torch.Tensor):
+        if ids.ndim != 1: raise ValueError(f"decode expects a list of ids or a 1-D tensor, got a tensor of shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    out = []
+    for i in ids:
+        try: out.append(operator.index(i)); ok = out[-1] in known
+        except TypeError: ok = False
+        if not ok: raise ValueError(f"Token id {i!r} is not in the vocabulary (integers 0 to {max(known)})")
+    return out
+
+# %% ../nbs/03_bpe.ipynb #027d69b4
 class CLIPTokenizer(ByteLevelBPE):
     "The tokenizer of SD3.5's CLIP text encoders, id for id equal to transformers' CLIPTokenizer; CLIPTokenizer() uses the shipped CLIP vocabulary."
     def __init__(self, vocab: dict | None = None, merges: list | None = None, bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN,
-                 pad_token: str | None = None, added_tokens: list = ()):
+                 pad_token: str | None = None, added_tokens: list = (), source: str = "the vocabulary"):
         if (vocab is None) != (merges is None): raise ValueError("Pass both `vocab` and `merges`, or neither to use the shipped CLIP vocabulary")
         if vocab is None: vocab, merges = load_clip_bpe()
-        else: check_clip_bpe(vocab, merges)
+        else: validate_clip_bpe(vocab, merges, source)                # `source` names the files in its errors
         super().__init__(vocab, merges)
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, eos_token if pad_token is None else pad_token
         tokens = {}
         for t in [*added_tokens, self.bos_token, self.eos_token, self.pad_token]:
             t = t if isinstance(t, AddedToken) else AddedToken(t)
             tokens.setdefault(t.content, t)                            # the first mention of a token wins
-        self.added_ids, next_id = {}, max(self.vocab.values()) + 1
-        for content in tokens:                                         # new strings get ids after the vocabulary
+        self.added_ids, self._normalized_ids, next_id = {}, {}, max(self.vocab.values()) + 1
+        for content, t in tokens.items():                              # new strings get ids after the vocabulary
             if content in self.vocab: self.added_ids[content] = self.vocab[content]
             else: self.added_ids[content], next_id = next_id, next_id + 1
-            self.id_to_token[self.added_ids[content]] = content
+            i = self.added_ids[content]
+            if t.normalized: self._normalized_ids.setdefault(clip_normalize(content), i)   # found, and decoded, as its normalised form
+            self.id_to_token[i] = clip_normalize(content) if t.normalized else content
         self.added = {self.added_ids[c]: t for c, t in tokens.items()}
         self.special_ids = {i for i, t in self.added.items() if t.special}
         self.bos_id, self.eos_id, self.pad_id = (self.added_ids[t] for t in (self.bos_token, self.eos_token, self.pad_token))
         self.vocab_size = max(self.id_to_token) + 1
         self._raw = added_token_pattern([c for c, t in tokens.items() if not t.normalized])
-        self._normalized = added_token_pattern([c for c, t in tokens.items() if t.normalized])
+        self._normalized = added_token_pattern(list(self._normalized_ids))
 
     def __repr__(self): return f"CLIPTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
 
@@ -359,29 +397,19 @@ class CLIPTokenizer(ByteLevelBPE):
         ids = []
         for raw, raw_id in split_on(text, self._raw, self.added_ids):
             if raw_id is not None: ids.append(raw_id); continue
-            for part, part_id in split_on(clip_normalize(raw), self._normalized, self.added_ids):
+            for part, part_id in split_on(clip_normalize(raw), self._normalized, self._normalized_ids):
                 if part_id is not None: ids.append(part_id); continue
                 for chunk in clip_split(part): ids += self.encode_chunk(chunk)
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         "The text of token `ids` (a list of ints or a 1-D tensor) as transformers writes it: bytes as UTF-8, each `</w>` a space, ends stripped."
-        if isinstance(ids, torch.Tensor):
-            if ids.ndim != 1: raise ValueError(f"decode expects a 1-D tensor of ids, got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
-        parts = []
-        for i in ids:
-            try: i = operator.index(i); token = self.id_to_token[i]
-            except (TypeError, KeyError): raise ValueError(f"Token id {i!r} is not in the vocabulary (integers 0 to {self.vocab_size - 1})") from None
-            if not (skip_special_tokens and i in self.special_ids): parts.append(self.token_bytes(token))
+        parts = [self.token_bytes(self.id_to_token[i]) for i in id_list(ids, self.id_to_token) if not (skip_special_tokens and i in self.special_ids)]
         return b"".join(parts).decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
     def __call__(self, texts, max_length: int = 77, pad_id: int | None = None) -> torch.Tensor:
         "A (B, max_length) LongTensor: BOS, the ids of each text truncated to fit, EOS, then padding (`pad_id`, default the tokenizer's)."
-        texts = [texts] if isinstance(texts, str) else texts
-        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-            raise TypeError(f"Expected a string or a list of strings, got {type(texts).__name__}" + (f" holding {type(next(t for t in texts if not isinstance(t, str))).__name__}" if isinstance(texts, (list, tuple)) else ""))
-        if not isinstance(max_length, int) or max_length < 2: raise ValueError(f"max_length={max_length!r} cannot hold BOS and EOS: it must be an integer >= 2")
+        texts = batch_texts(texts, max_length, 2, "BOS and EOS")
         pad = self.pad_id if pad_id is None else pad_id
         if pad not in self.id_to_token: raise ValueError(f"pad_id={pad!r} is not in the vocabulary (integers 0 to {self.vocab_size - 1})")
         rows = [[self.bos_id, *self.encode(t)[:max_length - 2], self.eos_id] for t in texts]

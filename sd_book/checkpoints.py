@@ -5,8 +5,9 @@
 # %% auto #0
 __all__ = ['SAFETENSORS_DTYPES', 'MAX_HEADER_BYTES', 'PICKLE_SUFFIXES', 'WEIGHT_PATTERNS', 'STANDARD_NAMES', 'SD3_PREFIXES',
            'CheckpointError', 'read_safetensors_header', 'load_safetensors_by_hand', 'LazyStateDict', 'find_weights',
-           'open_checkpoint', 'find_prefixes', 'strip_prefix', 'rename_keys', 'read_config', 'cast_tensor',
-           'load_state_dict', 'CheckpointMismatchError', 'load_into', 'DownloadError', 'download', 'check_read_header']
+           'open_checkpoint', 'find_prefixes', 'strip_prefix', 'rename_keys', 'component_prefix', 'wrong_model_error',
+           'read_config', 'component_folder', 'cast_tensor', 'load_state_dict', 'CheckpointMismatchError', 'load_into',
+           'DownloadError', 'download', 'check_read_header']
 
 # %% ../nbs/05_checkpoints.ipynb #8823f6c6
 import json
@@ -103,7 +104,7 @@ def load_safetensors_by_hand(path) -> dict:
             tensors[name] = flat.reshape(e["shape"])
     return tensors
 
-# %% ../nbs/05_checkpoints.ipynb #7ec583f4
+# %% ../nbs/05_checkpoints.ipynb #bad45d78
 class LazyStateDict(Mapping):
     "A read-only mapping name -> tensor that fetches each tensor only when asked (for files: a view into the memory-mapped file)."
     def __init__(self, getters: dict, source: str = "a state dict in memory"):
@@ -115,6 +116,9 @@ class LazyStateDict(Mapping):
     def __iter__(self): return iter(self._getters)
     def __len__(self) -> int: return len(self._getters)
     def __repr__(self) -> str: return f"LazyStateDict({len(self)} tensors from {self.source})"
+    def with_tensors(self, extra: dict) -> "LazyStateDict":
+        "A new LazyStateDict from the same source with the getters of `extra` (name -> function returning a tensor) added, replacing any of the same name."
+        return LazyStateDict({**self._getters, **extra}, self.source)
 
 # %% ../nbs/05_checkpoints.ipynb #9b33a3ee
 def _few(names, n: int = 3) -> str:
@@ -133,7 +137,14 @@ def _open_safetensors(path: Path) -> dict:
     handle = safe_open(str(path), framework="pt", device="cpu")
     return {name: partial(handle.get_tensor, name) for name in header if name != "__metadata__"}
 
-# %% ../nbs/05_checkpoints.ipynb #d5b8b6c3
+# %% ../nbs/05_checkpoints.ipynb #2bd67381
+def _tensor_getters(tensors: Mapping, source: str) -> dict:
+    "name -> getter for a mapping whose values must all be tensors (a loaded pickle, a state dict in memory); `source` names it in the error."
+    bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if bad: raise CheckpointError(f"{source} should map names to tensors, but {_few(bad)} {'is not a tensor' if len(bad) == 1 else 'are not tensors'}")
+    return {k: (lambda v=v: v) for k, v in tensors.items()}
+
+# %% ../nbs/05_checkpoints.ipynb #113f74bf
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 def _open_pickle(path: Path) -> dict:
@@ -143,9 +154,7 @@ def _open_pickle(path: Path) -> dict:
         raise CheckpointError(f"{path}: torch.load(weights_only=True, mmap=True) refused it ({str(e).splitlines()[0]}); re-save the weights as safetensors") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict): obj = obj["state_dict"]   # training checkpoints nest the weights
     if not isinstance(obj, dict): raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad: raise CheckpointError(f"{path}: expected a dict of tensors, but {_few(bad)} {'is not a tensor' if len(bad) == 1 else 'are not tensors'}")
-    return {k: (lambda v=v: v) for k, v in obj.items()}
+    return _tensor_getters(obj, str(path))
 
 # %% ../nbs/05_checkpoints.ipynb #2a4fbff4
 def _open_index(path: Path) -> dict:
@@ -185,15 +194,12 @@ def find_weights(folder) -> Path:
     hint = f"; its subfolders {', '.join(below)} hold weights: pass one of them" if below else ""
     raise CheckpointError(f"No weights in {folder} (looked for {', '.join(WEIGHT_PATTERNS)}){hint}")
 
-# %% ../nbs/05_checkpoints.ipynb #e9ccde5c
+# %% ../nbs/05_checkpoints.ipynb #c8e10c34
 def open_checkpoint(source) -> LazyStateDict:
     "A lazy name -> tensor mapping for a .safetensors file, a sharded *.index.json, a torch pickle, a folder holding one, a state dict or a module."
     if isinstance(source, LazyStateDict): return source
     if isinstance(source, torch.nn.Module): source = source.state_dict()
-    if isinstance(source, Mapping):
-        bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
-        if bad: raise TypeError(f"A state dict maps names to tensors, but {_few(bad)} {'is not a tensor' if len(bad) == 1 else 'are not tensors'}")
-        return LazyStateDict({k: (lambda v=v: v) for k, v in source.items()})
+    if isinstance(source, Mapping): return LazyStateDict(_tensor_getters(source, "The state dict"))
     path = Path(source).expanduser()
     if not path.exists(): raise FileNotFoundError(f"No checkpoint at {path}: expected a .safetensors file, an *.index.json, a torch pickle or a folder holding one (for a Hub repository, `download` it first)")
     if path.is_dir(): path = find_weights(path)
@@ -252,27 +258,56 @@ def rename_keys(keys_or_mapping, rules):
         return k
     return _rekey(keys_or_mapping, rename)
 
-# %% ../nbs/05_checkpoints.ipynb #c9f8c8e7
+# %% ../nbs/05_checkpoints.ipynb #e5e40dd7
+def component_prefix(state, prefix: str | None, names: tuple, native: tuple = ()) -> str | None:
+    "The prefix to strip for one component: `prefix` (a name of `SD3_PREFIXES` or a literal), else none if a key starts with one of `native`, else the one prefix of `names` found in `state`."
+    if prefix is not None: return SD3_PREFIXES.get(prefix, prefix)
+    if native and any(k.startswith(native) for k in state): return None
+    present = find_prefixes(state)
+    found = [n for n in names if SD3_PREFIXES[n] in present]
+    if len(found) > 1: raise CheckpointError(f"{state.source} holds {' and '.join(found)} (an all-in-one file): pass " + " or ".join(f"prefix={n!r}" for n in found))
+    return SD3_PREFIXES[found[0]] if found else None
+
+# %% ../nbs/05_checkpoints.ipynb #837709a8
+def wrong_model_error(state, what: str, expected: str) -> CheckpointError:
+    "The error for a checkpoint that is not `what`: the keys `expected`, a few keys found instead, and the single-file prefixes present."
+    found = find_prefixes(state)
+    return CheckpointError(f"{state.source} does not look like {what}: expected {expected}, found keys like {_few(state)}"
+                           + (f"; it holds the single-file prefixes {', '.join(found)}" if found else ""))
+
+# %% ../nbs/05_checkpoints.ipynb #98437a87
+def _in_hf_folder(path: Path) -> bool:
+    "Whether `path` is a weights file that belongs to its folder: a Hugging Face / diffusers name of `find_weights`, or a sharded index."
+    return path.name.endswith(".index.json") or path.name in {name + pattern[1:] for name in STANDARD_NAMES for pattern in WEIGHT_PATTERNS}
+
 def read_config(path) -> dict | None:
-    "The config.json of a folder (or a config.json path given directly) as a dict; None when there is none."
+    "The config.json of a folder, given directly, or beside a weights file with a Hugging Face / diffusers name or an *.index.json, as a dict; None when there is none, or when `path` is not a path (a state dict)."
+    if not isinstance(path, (str, os.PathLike)): return None
     path = Path(path)
+    if path.is_file() and _in_hf_folder(path): path = path.parent
     if path.is_dir(): path = path / "config.json"
     if path.name != "config.json" or not path.is_file(): return None
     try: return json.loads(path.read_text())
     except ValueError as e: raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+# %% ../nbs/05_checkpoints.ipynb #12df7b5b
+def component_folder(source, name: str):
+    "The `name/` subfolder of a diffusers pipeline folder `source`; anything else (a file, a component folder, a state dict) unchanged."
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / name).is_dir(): return Path(source) / name
+    return source
 
 # %% ../nbs/05_checkpoints.ipynb #49830cc0
 def cast_tensor(t: torch.Tensor, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
     "`t` on `device` and, if it is floating point, in `dtype` (None keeps each); the same tensor when nothing changes."
     return t.to(device=t.device if device is None else device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
 
-# %% ../nbs/05_checkpoints.ipynb #2318b2dc
+# %% ../nbs/05_checkpoints.ipynb #f2bfe5be
 def _fetch(state: Mapping, name: str, dtype, device) -> torch.Tensor:
     "state[name], cast as asked (a getter for LazyStateDict)."
     return cast_tensor(state[name], dtype, device)
 
-def load_state_dict(source, prefix: str | None = None, device=None, dtype: torch.dtype | None = None) -> LazyStateDict:
-    "`open_checkpoint(source)`, keeping only the keys under `prefix` (stripped), with tensors moved to `device` and floats cast to `dtype` as they are fetched."
+def load_state_dict(source, prefix: str | None = None, dtype: torch.dtype | None = None, device=None) -> LazyStateDict:
+    "`open_checkpoint(source)`, keeping only the keys under `prefix` (stripped), with floats cast to `dtype` and tensors moved to `device` as they are fetched."
     state = open_checkpoint(source)
     if prefix: state = strip_prefix(state, prefix)
     if device is None and dtype is None: return state
@@ -305,7 +340,7 @@ def _check_state(module: torch.nn.Module, state: Mapping, strict: bool) -> dict:
         raise CheckpointMismatchError(f"{type(module).__name__} does not match {source}: " + "; ".join(problems) + _prefix_hint(missing, unexpected))
     return found
 
-# %% ../nbs/05_checkpoints.ipynb #4740459f
+# %% ../nbs/05_checkpoints.ipynb #88b171cc
 def load_into(module_or_factory, state, strict: bool = True, dtype: torch.dtype | None = None, device=None) -> torch.nn.Module:
     "Load `state` (anything `open_checkpoint` takes) into a module, or into the one a factory builds on the meta device, by assigning the checkpoint's tensors: no second copy."
     if isinstance(module_or_factory, torch.nn.Module): module = module_or_factory
@@ -315,11 +350,9 @@ def load_into(module_or_factory, state, strict: bool = True, dtype: torch.dtype 
     found = _check_state(module, open_checkpoint(state), strict)
     tensors = {k: cast_tensor(t, dtype, device) for k, t in found.items()}        # a view when nothing changes
     module.load_state_dict(tensors, strict=False, assign=True)
-    target = torch.device(device) if device is not None else next((t.device for t in tensors.values()), torch.device("cpu"))
-    for sub in module.modules():
-        if hasattr(sub, "init_non_persistent"): sub.init_non_persistent(target)
     left = [n for n, t in chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
-    if left: raise CheckpointMismatchError(f"{type(module).__name__}: {_count('', left).strip()} still on the meta device after loading. Non-persistent buffers are not in checkpoints: give the module that owns them an `init_non_persistent(self, device)` method that rebuilds them")
+    if left: raise CheckpointMismatchError(f"{type(module).__name__}: {_count('', left).strip()} still on the meta device after loading. Non-persistent buffers are not in checkpoints: "
+                                           "compute them in forward, or pass a module built on a real device instead of a factory")
     return module
 
 # %% ../nbs/05_checkpoints.ipynb #cd26ac60

@@ -4,13 +4,17 @@
 
 # %% auto #0
 __all__ = ['DTYPES', 'get_device', 'get_dtype', 'seed_everything', 'cpu_generator', 'randn', 'pil_to_tensor', 'tensor_bytes',
-           'tensor_to_pil', 'image_grid', 'show_images']
+           'tensor_to_pil', 'image_grid', 'show_images', 'peak_memory']
 
-# %% ../nbs/00_core.ipynb #7cd888c0
+# %% ../nbs/00_core.ipynb #fc7d9167
 import ctypes
+import os
 import random
+from contextlib import contextmanager
+
 import torch
 from PIL import Image
+from torch.profiler import ProfilerActivity, profile
 
 # %% ../nbs/00_core.ipynb #d5e9b365
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -127,3 +131,28 @@ def show_images(images, ncols: int | None = None, titles: list | None = None, si
         if titles: ax.set_title(str(titles[i]), fontsize=9)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/00_core.ipynb #4e1190b7
+@contextmanager
+def _quiet_stderr():
+    "Silence file descriptor 2 while the block runs (the profiler's C++ logger prints a line each time it starts and stops)."
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try: yield
+    finally: os.dup2(saved, 2); os.close(saved); os.close(devnull)
+
+# %% ../nbs/00_core.ipynb #208c6b65
+def peak_memory(fn, *args, device: str | torch.device = "cpu") -> int:
+    "Peak bytes that PyTorch allocates on `device` ('cpu' or 'cuda') during fn(*args), above what was allocated before: the profiler's allocation events on the CPU, the allocator's statistics on CUDA."
+    device = get_device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device); torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn(*args); torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu": raise ValueError(f"peak_memory measures 'cpu' or 'cuda' devices, got {device}")
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn(*args)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events: current += e.nbytes(); peak = max(peak, current)           # + for an allocation, - for a free
+    return peak

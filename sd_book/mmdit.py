@@ -4,27 +4,25 @@
 
 # %% auto #0
 __all__ = ['MMDIT_BLOCK_RENAMES', 'MMDIT_RENAMES', 'MMDiTConfig', 'PatchEmbed', 'unpatchify', 'sincos_1d', 'sincos_pos_table',
-           'crop_pos_embed', 'timestep_embedding', 'MLPEmbedder', 'TimestepEmbedder', 'modulate', 'Mlp', 'StreamBlock',
-           'JointBlock', 'FinalLayer', 'MMDiT', 'joint_block_params', 'mmdit_num_params', 'diffusers_to_mmdit',
-           'mmdit_state', 'mmdit_config', 'to_diffusers_config', 'load_mmdit', 'check_modulate',
-           'check_joint_block_params']
+           'crop_pos_embed', 'MLPEmbedder', 'TimestepEmbedder', 'modulate', 'Mlp', 'StreamBlock', 'JointBlock',
+           'FinalLayer', 'MMDiT', 'joint_block_params', 'mmdit_num_params', 'diffusers_to_mmdit', 'mmdit_state',
+           'mmdit_config', 'to_diffusers_config', 'load_mmdit', 'check_modulate', 'check_joint_block_params']
 
-# %% ../nbs/10_mmdit.ipynb #0b6e56fd
+# %% ../nbs/10_mmdit.ipynb #63fe0fd1
 import math
-import os
 import re
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import SelfAttention, merge_heads, sdpa
-from .checkpoints import (SD3_PREFIXES, CheckpointError, LazyStateDict, find_prefixes, load_into, open_checkpoint,
-                                 read_config, rename_keys, strip_prefix)
+from .checkpoints import (CheckpointError, LazyStateDict, component_folder, component_prefix, load_into, open_checkpoint, read_config,
+                                 rename_keys, strip_prefix, wrong_model_error)
 from .core import randn
+from .diffusion import timestep_embedding
 from .testing import Case, run_checks
 
 # %% ../nbs/10_mmdit.ipynb #08ad3402
@@ -113,15 +111,6 @@ def crop_pos_embed(table: torch.Tensor, max_size: int, h: int, w: int) -> torch.
     top, left = (max_size - h) // 2, (max_size - w) // 2
     grid = table.view(1, max_size, max_size, -1)[:, top:top + h, left:left + w]    # (1, h, w, D)
     return grid.reshape(1, h * w, -1)
-
-# %% ../nbs/10_mmdit.ipynb #b88bfb10
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    "Sinusoidal features of timesteps t (B,) -> (B, dim) in float32: [cos(t f_k)] | [sin(t f_k)], f_k = max_period^(-k/(dim/2))."
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]                                       # (B, half)
-    emb = torch.cat([args.cos(), args.sin()], dim=-1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 # %% ../nbs/10_mmdit.ipynb #ba64016e
 class MLPEmbedder(nn.Module):
@@ -357,17 +346,16 @@ def diffusers_to_mmdit(state) -> LazyStateDict:
         getters[name] = partial(_fuse, state, [p["q"], p["k"], p["v"]])
     return LazyStateDict(getters, state.source)
 
-# %% ../nbs/10_mmdit.ipynb #54b82f48
+# %% ../nbs/10_mmdit.ipynb #ca9eea95
 def mmdit_state(source) -> LazyStateDict:
     "An MMDiT's tensors in the original names from anything `open_checkpoint` opens: single file (with or without `model.diffusion_model.`), diffusers, or a state dict."
     state = open_checkpoint(source)
-    if SD3_PREFIXES["mmdit"] in find_prefixes(state): state = strip_prefix(state, SD3_PREFIXES["mmdit"])
+    prefix = component_prefix(state, None, ("mmdit",))
+    if prefix: state = strip_prefix(state, prefix)
     if any(k.startswith("transformer_blocks.") for k in state): state = diffusers_to_mmdit(state)
     if "x_embedder.proj.weight" not in state or not any(k.startswith("joint_blocks.") for k in state):
-        found = find_prefixes(state)
-        raise CheckpointError(f"{state.source} is not an MMDiT (SD3 transformer): expected x_embedder.proj.weight and joint_blocks.* (Stability's layout) "
-                              f"or pos_embed.proj.weight and transformer_blocks.* (diffusers), found keys like {', '.join(list(state)[:3])}"
-                              + (f"; it holds the single-file prefixes {', '.join(found)}" if found else ""))
+        raise wrong_model_error(state, "an MMDiT (SD3 transformer)", "x_embedder.proj.weight and joint_blocks.* (Stability's layout) "
+                                "or pos_embed.proj.weight and transformer_blocks.* (diffusers)")
     return state
 
 # %% ../nbs/10_mmdit.ipynb #0c3b9a7f
@@ -412,14 +400,14 @@ def _with_pos_embed(state: LazyStateDict, config: MMDiTConfig) -> LazyStateDict:
     if "pos_embed" in state: return state
     dtype = state["x_embedder.proj.weight"].dtype
     table = lambda: sincos_pos_table(config.hidden_size, config.pos_embed_max_size, config.sample_size // config.patch_size)[None].to(dtype)
-    return LazyStateDict({**{k: partial(state.__getitem__, k) for k in state}, "pos_embed": table}, state.source)
+    return state.with_tensors({"pos_embed": table})
 
-# %% ../nbs/10_mmdit.ipynb #e68f8511
+# %% ../nbs/10_mmdit.ipynb #8818b58d
 def load_mmdit(source, dtype: torch.dtype | None = None, device=None, **overrides) -> MMDiT:
     "An MMDiT in eval mode from a diffusers folder (or a pipeline folder holding transformer/), an original single file (with or without `model.diffusion_model.`), or a state dict."
-    if isinstance(source, (str, os.PathLike)) and (Path(source) / "transformer").is_dir(): source = Path(source) / "transformer"
+    source = component_folder(source, "transformer")
     state = mmdit_state(source)
-    config_json = read_config(source) if isinstance(source, (str, os.PathLike)) else None
+    config_json = read_config(source)
     config = mmdit_config(state, config_json, **overrides)
     return load_into(partial(MMDiT, config), _with_pos_embed(state, config), dtype=dtype, device=device).eval()
 

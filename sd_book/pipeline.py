@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'OUTPUT_TYPES', 'DIFFUSERS_PARTS', 'T5_PARTS', 'HUB_ID', 'RECOMMENDED', 'OOM_ADVICE', 'join_text_states',
-           'warn_if_truncated', 'as_texts', 'SD3Pipeline', 'on_device', 'classifier_free_guidance', 'SkipLayerGuidance',
+           'tokenize', 'as_texts', 'SD3Pipeline', 'on_device', 'classifier_free_guidance', 'SkipLayerGuidance',
            'dpmpp_2m_step', 'sample_flow', 'image_tensor', 'resolve_model', 'load_diffusers_parts', 'find_single_files',
            'load_single_file_parts', 'guess_model', 'parse_size', 'build_parser', 'main', 'check_join_text_states',
            'check_dpmpp_2m_step']
 
-# %% ../nbs/11_pipeline.ipynb #5c54ff4c
+# %% ../nbs/11_pipeline.ipynb #d56adb8a
 import argparse
 import json
 import math
@@ -29,15 +29,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .bpe import CLIPTokenizer
-from .checkpoints import SD3_PREFIXES, CheckpointError, DownloadError, download, find_prefixes, open_checkpoint
-from .clip import load_clip
+from .checkpoints import SD3_PREFIXES, DownloadError, download, find_prefixes, open_checkpoint
+from .clip import load_clip, num_params
 from .core import DTYPES, cpu_generator, get_device, get_dtype, pil_to_tensor, randn, tensor_to_pil
+from .diffusion import model_device
 from .flow import FlowMatchEulerScheduler, euler_step
 from .mmdit import load_mmdit
 from .t5 import load_t5
 from .testing import Case, run_checks
 from .unigram import T5Tokenizer
-from .vae import load_vae
+from .vae import LatentFormat, latent_shape, load_vae
 
 # %% ../nbs/11_pipeline.ipynb #795589cb
 def join_text_states(clip_l: torch.Tensor, clip_g: torch.Tensor, t5: torch.Tensor) -> torch.Tensor:
@@ -48,13 +49,15 @@ def join_text_states(clip_l: torch.Tensor, clip_g: torch.Tensor, t5: torch.Tenso
     lg = F.pad(lg, (0, t5.shape[-1] - lg.shape[-1]))                             # (B, 77, D)
     return torch.cat([lg, t5.to(lg.dtype)], dim=-2)                              # (B, 77 + L, D)
 
-# %% ../nbs/11_pipeline.ipynb #cee3f612
-def warn_if_truncated(tokenizer, texts: list, max_tokens: int, name: str) -> None:
-    "Warn, naming the encoder and the dropped text, for each text longer than `max_tokens` tokens (without BOS and EOS)."
-    for text in texts:
-        ids = tokenizer.encode(text)
-        if len(ids) > max_tokens:
-            warnings.warn(f"{name} reads at most {max_tokens} tokens of a prompt: this one has {len(ids)}, so {tokenizer.decode(ids[max_tokens:])!r} is ignored by {name}", stacklevel=3)
+# %% ../nbs/11_pipeline.ipynb #83ff4ee7
+def tokenize(tokenizer, texts: list, max_length: int, name: str) -> torch.Tensor:
+    "tokenizer(texts, max_length=max_length), ids (B, max_length); warns, naming the encoder and the first token it ignores, for each text the tokenizer cut."
+    ids = tokenizer(texts, max_length=max_length)                                # (B, max_length)
+    roomier = tokenizer(texts, max_length=max_length + 1)[:, :max_length]         # a text that fits gains only padding from one more position
+    for text, cut, first_ignored in zip(texts, (ids != roomier).any(dim=1), roomier[:, -1].tolist()):
+        if cut: warnings.warn(f"{name} reads {max_length} tokens, its special tokens included: it ignores the end of the prompt "
+                              f"{text if len(text) <= 50 else text[:47] + '...'!r}, from {tokenizer.decode([first_ignored])!r} on", stacklevel=2)
+    return ids
 
 # %% ../nbs/11_pipeline.ipynb #896f5238
 def as_texts(texts, n: int | None = None, what: str = "prompt") -> list:
@@ -66,18 +69,17 @@ def as_texts(texts, n: int | None = None, what: str = "prompt") -> list:
     if n is not None and len(texts) != n: raise ValueError(f"{what} has {len(texts)} strings but the prompt has {n}: give one per prompt, or a single string")
     return list(texts)
 
-# %% ../nbs/11_pipeline.ipynb #b103a834
+# %% ../nbs/11_pipeline.ipynb #2d7a65f6
 class SD3Pipeline:
     "SD3 / SD3.5 text-to-image and image-to-image from the book's parts: `pipe(prompt, ...)` -> list of PIL images."
     def __init__(self, mmdit, vae, clip_l, clip_g, tokenizer_l, tokenizer_g, t5=None, tokenizer_t5=None, shift: float = 3.0,
-                 latent_scale: float | None = None, latent_shift: float | None = None, name: str | None = None):
+                 latent_format: LatentFormat | None = None, name: str | None = None):
         if (t5 is None) != (tokenizer_t5 is None): raise ValueError("Pass the T5 encoder and its tokenizer together, or neither (SD3 then gives the MMDiT zeros in place of T5's tokens)")
         self.mmdit, self.vae, self.clip_l, self.clip_g, self.t5 = mmdit, vae, clip_l, clip_g, t5
         self.tokenizer_l, self.tokenizer_g, self.tokenizer_t5 = tokenizer_l, tokenizer_g, tokenizer_t5
-        self.latent_scale = float(vae.config.scaling_factor if latent_scale is None else latent_scale)    # SD3: 1.5305
-        self.latent_shift = float(vae.config.shift_factor if latent_shift is None else latent_shift)      # SD3: 0.0609
+        self.latent_format = vae.config.latent_format if latent_format is None else latent_format    # SD3: scale 1.5305, shift 0.0609
         self.shift, self.name = float(shift), name
-        self.device, self.offload_device = next(mmdit.parameters()).device, None
+        self.device, self.offload_device = model_device(mmdit), None
 
     @property
     def modules(self) -> dict:
@@ -90,7 +92,7 @@ class SD3Pipeline:
     def vae_scale_factor(self) -> int: return self.vae.config.downsample_factor      # 8: pixels per latent position
 
     def __repr__(self):
-        sizes = ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.1f}M" for k, m in self.modules.items())
+        sizes = ", ".join(f"{k} {num_params(m) / 1e6:.1f}M" for k, m in self.modules.items())
         return f"SD3Pipeline({self.name or 'unknown model'}: {sizes}; {self.dtype}, runs on {self.device}{', offloaded to ' + str(self.offload_device) if self.offload_device else ''})"
 
 # %% ../nbs/11_pipeline.ipynb #f4b01571
@@ -104,21 +106,21 @@ def on_device(module: torch.nn.Module, device, offload_device=None):
     try: yield module
     finally: module.to(offload_device)
 
-# %% ../nbs/11_pipeline.ipynb #b61b46b7
+# %% ../nbs/11_pipeline.ipynb #75ffb43b
 def _on(self, module):
     "on_device for this pipeline: `module` on the execution device while the block runs."
     return on_device(module, self.device, self.offload_device)
 
 def _run_clip(self, model, tokenizer, texts: list, name: str):
-    "A CLIP encoder's CLIPOutput for `texts` (77 tokens each, long prompts truncated with a warning)."
-    warn_if_truncated(tokenizer, texts, 75, name)
-    with self._on(model): return model(tokenizer(texts).to(self.device))
+    "A CLIP encoder's CLIPOutput for `texts`, as many tokens each as its position table holds (77; long prompts cut with a warning)."
+    ids = tokenize(tokenizer, texts, model.config.max_position_embeddings, name)
+    with self._on(model): return model(ids.to(self.device))
 
 def _run_t5(self, texts: list, max_sequence_length: int) -> torch.Tensor:
     "T5's states (B, max_sequence_length, D) for `texts`, or zeros of that shape when the pipeline has no T5."
     if self.t5 is None: return torch.zeros(len(texts), max_sequence_length, self.mmdit.config.context_dim, device=self.device)
-    warn_if_truncated(self.tokenizer_t5, texts, max_sequence_length - 1, "T5")
-    with self._on(self.t5): return self.t5(self.tokenizer_t5(texts, max_length=max_sequence_length).to(self.device))
+    ids = tokenize(self.tokenizer_t5, texts, max_sequence_length, "T5")
+    with self._on(self.t5): return self.t5(ids.to(self.device))
 
 SD3Pipeline._on, SD3Pipeline._run_clip, SD3Pipeline._run_t5 = _on, _run_clip, _run_t5
 
@@ -134,23 +136,23 @@ def _encode_prompt(self, prompt, prompt_2=None, prompt_3=None, max_sequence_leng
 
 SD3Pipeline.encode_prompt = _encode_prompt
 
-# %% ../nbs/11_pipeline.ipynb #668f363d
-def _latent_size(self, height: int, width: int) -> tuple:
-    "(h, w) of the latent of a height x width picture; a clear error unless both are positive multiples of 8 x patch size."
-    f = self.vae_scale_factor * self.mmdit.config.patch_size
-    for name, n in (("height", height), ("width", width)):
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0 or n % f:
-            near = f"{max(f, n // f * f)} or {(n // f + 1) * f}" if isinstance(n, int) and n > 0 else str(f * 64)
-            raise ValueError(f"{name}={n!r}: the picture's sides must be positive multiples of {f} (the VAE divides by {self.vae_scale_factor}, the MMDiT's patches by {self.mmdit.config.patch_size}); try {near}")
-    return height // self.vae_scale_factor, width // self.vae_scale_factor
+# %% ../nbs/11_pipeline.ipynb #9671f3b4
+def _latent_shape(self, batch: int, height: int, width: int) -> tuple:
+    "(B, C, h, w) of the latents of `batch` height x width pictures (chapter 8's latent_shape); a clear error unless the sides are multiples of 8 x patch size."
+    shape = latent_shape(height, width, self.vae.config, batch)
+    p = self.mmdit.config.patch_size
+    for name, n, side in (("height", height, shape[2]), ("width", width, shape[3])):
+        if side % p:
+            f = self.vae_scale_factor * p
+            raise ValueError(f"{name}={n}: the picture's sides must be positive multiples of {f} (the VAE divides by {self.vae_scale_factor}, the MMDiT's patches by {p}); "
+                             f"try {max(f, n // f * f)} or {(n // f + 1) * f}")
+    return shape
 
 def _scheduler(self, num_inference_steps: int, shift: float | None = None) -> FlowMatchEulerScheduler:
-    "Chapter 2's scheduler with `shift` (default: the model's, from its scheduler config), set to `num_inference_steps`: .timesteps (N,), .sigmas (N+1,)."
-    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    "Chapter 2's scheduler with `shift` (default: the model's, from its scheduler config), set to `num_inference_steps` (which it checks): .timesteps (N,), .sigmas (N+1,)."
     return FlowMatchEulerScheduler(shift=self.shift if shift is None else float(shift)).set_timesteps(num_inference_steps)
 
-SD3Pipeline._latent_size, SD3Pipeline.scheduler = _latent_size, _scheduler
+SD3Pipeline.latent_shape, SD3Pipeline.scheduler = _latent_shape, _scheduler
 
 # %% ../nbs/11_pipeline.ipynb #76ec3704
 def classifier_free_guidance(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -216,21 +218,21 @@ def sample_flow(velocity, x: torch.Tensor, sigmas: torch.Tensor, sampler: str = 
         x = x_next
     return x
 
-# %% ../nbs/11_pipeline.ipynb #1c194088
+# %% ../nbs/11_pipeline.ipynb #3b97de59
 OUTPUT_TYPES = ("pil", "pt", "latent")
 
 def _decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
     "Pictures from normalised latents (B, C, h, w): a list of PIL images ('pil'), a tensor (B, 3, H, W) in [0, 1] ('pt'), or the latents unchanged ('latent')."
     if output_type not in OUTPUT_TYPES: raise ValueError(f"Unknown output_type {output_type!r}: expected one of {OUTPUT_TYPES}")
     if output_type == "latent": return latents
-    z = latents / self.latent_scale + self.latent_shift                                  # back to the VAE's own space
-    with self._on(self.vae): images = self.vae.decode(z.to(self.device, next(self.vae.parameters()).dtype)).float()   # (B, 3, H, W) in [-1, 1]
+    z = self.latent_format.denormalize(latents)                                          # back to the VAE's own space
+    with self._on(self.vae): images = self.vae.decode(z.to(self.device, self.vae.dtype)).float()      # (B, 3, H, W) in [-1, 1]
     if output_type == "pt": return (images / 2 + 0.5).clamp(0, 1).cpu()
     return tensor_to_pil(images.cpu())
 
 SD3Pipeline.decode_latents = _decode_latents
 
-# %% ../nbs/11_pipeline.ipynb #0a640140
+# %% ../nbs/11_pipeline.ipynb #1dd3d45d
 def image_tensor(image, height: int, width: int) -> torch.Tensor:
     "(B, 3, height, width) in [-1, 1] from a PIL image or a list of them (resized with Lanczos if needed) or a tensor (3, H, W) / (B, 3, H, W) in [-1, 1] of that size."
     if isinstance(image, torch.Tensor):
@@ -238,36 +240,34 @@ def image_tensor(image, height: int, width: int) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3: raise ValueError(f"An image tensor must be (3, H, W) or (B, 3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
         if tuple(x.shape[-2:]) != (height, width): raise ValueError(f"The image tensor is {x.shape[-2]} x {x.shape[-1]} but height x width is {height} x {width}: resize it or pass its size")
         return x.float()
-    images = [image] if isinstance(image, Image.Image) else image
-    if not isinstance(images, (list, tuple)) or not images or not all(isinstance(im, Image.Image) for im in images):
-        raise TypeError(f"image must be a PIL image, a list of them, or a tensor in [-1, 1], got {type(image).__name__}")
-    return pil_to_tensor([im.convert("RGB").resize((width, height), Image.LANCZOS) if im.size != (width, height) else im.convert("RGB") for im in images])
+    resized = lambda im: im.resize((width, height), Image.LANCZOS) if isinstance(im, Image.Image) else im    # at the same size: a copy
+    x = pil_to_tensor([resized(im) for im in image] if isinstance(image, (list, tuple)) else resized(image))  # chapter 0's checks, RGB conversion
+    return x if x.ndim == 4 else x[None]
 
 def _encode_image(self, image, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
     "Normalised latents (B, C, h, w) of `image` (see image_tensor), sampled from the VAE's posterior with the CPU `generator`."
     x = image_tensor(image, height, width)
-    with self._on(self.vae): z = self.vae.encode(x.to(self.device, next(self.vae.parameters()).dtype)).sample(generator)
-    return (z.float() - self.latent_shift) * self.latent_scale
+    with self._on(self.vae): z = self.vae.encode(x.to(self.device, self.vae.dtype)).sample(generator)
+    return self.latent_format.normalize(z.float())
 
 SD3Pipeline.encode_image = _encode_image
 
-# %% ../nbs/11_pipeline.ipynb #c99deca8
+# %% ../nbs/11_pipeline.ipynb #82bbdfad
 def _initial_latents(self, batch: int, height: int, width: int, generator: torch.Generator, latents=None, image=None,
                     scheduler: FlowMatchEulerScheduler | None = None, timestep=None) -> torch.Tensor:
     "Starting latents (B, C, h, w) in fp32: `latents` or noise from `generator`; with `image`, its encoding noised to `timestep` of `scheduler` with that noise."
-    h, w = self._latent_size(height, width)
+    shape = self.latent_shape(batch, height, width)
     x0 = None if image is None else self.encode_image(image, height, width, generator)             # first draw: the posterior sample
     if x0 is not None and x0.shape[0] != batch:
         if batch % x0.shape[0]: raise ValueError(f"{x0.shape[0]} images cannot be shared among {batch} prompts: give one image, or one per prompt")
         x0 = x0.repeat(batch // x0.shape[0], 1, 1, 1)
-    shape = (batch, self.mmdit.config.in_channels, h, w)
     if latents is not None and tuple(latents.shape) != shape: raise ValueError(f"latents has shape {tuple(latents.shape)}, expected {shape} for {batch} prompt(s) at {height} x {width}")
     noise = randn(shape, generator=generator, device=self.device) if latents is None else latents.to(self.device, torch.float32)
     return noise if x0 is None else scheduler.scale_noise(x0, timestep, noise)
 
 SD3Pipeline.initial_latents = _initial_latents
 
-# %% ../nbs/11_pipeline.ipynb #cdb8361f
+# %% ../nbs/11_pipeline.ipynb #91a24df4
 @torch.no_grad()
 def __call__(self, prompt, negative_prompt="", height: int = 1024, width: int = 1024, num_inference_steps: int = 28,
              guidance_scale: float = 7.0, seed: int | None = None, latents: torch.Tensor | None = None, output_type: str = "pil", *,
@@ -278,8 +278,8 @@ def __call__(self, prompt, negative_prompt="", height: int = 1024, width: int = 
     if output_type not in OUTPUT_TYPES: raise ValueError(f"Unknown output_type {output_type!r}: expected one of {OUTPUT_TYPES}")
     if sampler not in SAMPLERS: raise ValueError(f"Unknown sampler {sampler!r}: expected one of {SAMPLERS}")
     if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512: raise ValueError(f"max_sequence_length must be an integer in 1 ... 512 (T5 tokens), got {max_sequence_length!r}")
-    self._latent_size(height, width)
     texts = as_texts(prompt)
+    self.latent_shape(len(texts), height, width)
     scheduler = self.scheduler(num_inference_steps, shift)
     timesteps = scheduler.timesteps if image is None else scheduler.img2img_timesteps(strength)     # (n,): the steps that run
     sigmas = scheduler.sigmas[len(scheduler.timesteps) - len(timesteps):]                              # (n + 1,)
@@ -499,7 +499,7 @@ def _settings(pipe: SD3Pipeline, args) -> dict:
     if args.no_slg: settings.pop("skip_layer_guidance", None)
     return settings
 
-# %% ../nbs/11_pipeline.ipynb #14d6f033
+# %% ../nbs/11_pipeline.ipynb #49a43976
 def _generate(args, parser) -> int:
     "The `generate` command: load, draw, save; returns the exit status."
     if not args.model: parser.error("no model given: pass --model PATH_OR_REPO_ID, or set SD_BOOK_MODEL")
@@ -518,7 +518,7 @@ def _generate(args, parser) -> int:
         pictures = pipe(args.prompt, args.negative, height, width, seed=seed, image=image, strength=args.strength, progress=not args.quiet, **settings)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pictures[0].save(args.out)
-    except (FileNotFoundError, CheckpointError, DownloadError, ValueError) as e: return _fail(str(e))
+    except (FileNotFoundError, DownloadError, ValueError) as e: return _fail(str(e))           # CheckpointError is a ValueError
     except RuntimeError as e:
         if "out of memory" not in str(e).lower(): raise
         return _fail(f"out of memory ({str(e).splitlines()[0][:120]}): {OOM_ADVICE}")

@@ -5,11 +5,10 @@
 # %% auto #0
 __all__ = ['T5_RENAMES', 'T5Config', 'T5LayerNorm', 'relative_position_bucket', 'T5Attention', 'T5LayerSelfAttention',
            'T5DenseGatedActDense', 'T5LayerFF', 'clamp_fp16', 'T5Block', 'T5Stack', 'T5Encoder', 't5_num_params',
-           'keep_wo_in_fp32', 't5_state', 't5_config', 'load_t5', 'check_relative_position_bucket']
+           'cast_t5_state', 't5_state', 't5_config', 'load_t5', 'check_relative_position_bucket']
 
-# %% ../nbs/07_t5.ipynb #041ae92b
+# %% ../nbs/07_t5.ipynb #cbffddb6
 import math
-import os
 import re
 from dataclasses import dataclass
 from functools import partial
@@ -19,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .testing import Case, run_checks
-from .checkpoints import (SD3_PREFIXES, CheckpointError, LazyStateDict, find_prefixes, load_into, open_checkpoint,
-                                 read_config, rename_keys, strip_prefix)
+from .checkpoints import (CheckpointError, LazyStateDict, component_prefix, load_into, load_state_dict, open_checkpoint, read_config,
+                                 rename_keys, strip_prefix, wrong_model_error)
+from .clip import validate_ids
 
 # %% ../nbs/07_t5.ipynb #a627193e
 @dataclass
@@ -160,7 +160,7 @@ class T5Block(nn.Module):
         x = guard(self.layer[0](x, position_bias))
         return guard(self.layer[1](x))
 
-# %% ../nbs/07_t5.ipynb #8175d2c7
+# %% ../nbs/07_t5.ipynb #c9454c2b
 class T5Stack(nn.Module):
     "The encoder's blocks and final RMSNorm, with one position bias computed by block 0 and shared by all."
     def __init__(self, config: T5Config):
@@ -188,8 +188,7 @@ class T5Encoder(nn.Module):
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         "Encode token ids (B, L); all tokens attend to all unless a padding `attention_mask` (B, L) is given (SD3 gives none)."
-        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.ndim != 2:
-            raise ValueError(f"ids must be an integer tensor of shape (B, L), got {type(ids).__name__} {tuple(getattr(ids, 'shape', ()))}")
+        validate_ids(ids)                                                             # no position table: any length
         return self.encoder(self.shared(ids), attention_mask)
 
 # %% ../nbs/07_t5.ipynb #3ee760b5
@@ -199,34 +198,27 @@ def t5_num_params(config: T5Config) -> int:
     block = 4 * D * config.inner_dim + 3 * D * F_ + 2 * D
     return V * D + N * block + config.relative_attention_num_buckets * config.num_heads + D
 
-# %% ../nbs/07_t5.ipynb #f2bd9c8a
-def keep_wo_in_fp32(model: nn.Module) -> nn.Module:
-    "Cast every feed-forward output projection `wo` of a T5 model to fp32 (transformers' fix for fp16 overflow); returns the model."
-    for module in model.modules():
-        if isinstance(module, T5DenseGatedActDense): module.wo.float()
-    return model
+# %% ../nbs/07_t5.ipynb #c28232e6
+def cast_t5_state(state, dtype: torch.dtype | None = None, wo_fp32: bool = False) -> LazyStateDict:
+    "`state` (anything `open_checkpoint` opens) with floats cast to `dtype` as they are fetched; with `wo_fp32`, every feed-forward output projection `wo` is fetched in fp32 instead, from the checkpoint's own values (transformers' fix for fp16 overflow)."
+    state = open_checkpoint(state)
+    cast = load_state_dict(state, dtype=dtype)
+    if not wo_fp32: return cast
+    return cast.with_tensors({k: (lambda k=k: state[k].float()) for k in state if k.endswith("DenseReluDense.wo.weight")})
 
 # %% ../nbs/07_t5.ipynb #147799ec
 T5_RENAMES = [(r"^(decoder\.|lm_head\.)", None)]   # the decoder half of a full T5ForConditionalGeneration
 
-def _t5_prefix(state, prefix: str | None) -> str | None:
-    "The prefix to strip: `prefix` ('t5xxl' or a literal), else the T5 prefix of an all-in-one file, else none."
-    if prefix is not None: return SD3_PREFIXES.get(prefix, prefix)
-    if any(k.startswith(("encoder.", "shared.")) for k in state): return None
-    return SD3_PREFIXES["t5xxl"] if SD3_PREFIXES["t5xxl"] in find_prefixes(state) else None
-
 def t5_state(source, prefix: str | None = None) -> LazyStateDict:
     "A T5 encoder's tensors in our key names from anything `open_checkpoint` opens: the single-file prefix found or given, the decoder dropped, and transformers' tied `encoder.embed_tokens.weight` folded into `shared.weight`."
     state = open_checkpoint(source)
-    prefix = _t5_prefix(state, prefix)
+    prefix = component_prefix(state, prefix, ("t5xxl",), native=("encoder.", "shared."))
     if prefix: state = strip_prefix(state, prefix)
     state = rename_keys(state, T5_RENAMES)
     if "encoder.embed_tokens.weight" in state:
         state = rename_keys(state, [(r"^encoder\.embed_tokens\.weight$", None if "shared.weight" in state else "shared.weight")])
     if "shared.weight" not in state:
-        found = find_prefixes(state)
-        raise CheckpointError(f"{state.source} does not look like a T5 encoder: no shared.weight among keys like {', '.join(list(state)[:3])}"
-                              + (f"; it holds the single-file prefixes {', '.join(found)}: pass prefix=" if found else ""))
+        raise wrong_model_error(state, "a T5 encoder", "shared.weight")
     if "encoder.block.0.layer.1.DenseReluDense.wi.weight" in state:
         raise CheckpointError(f"{state.source} is a T5 v1.0 checkpoint (ReLU feed-forward, DenseReluDense.wi): SD3 uses T5 v1.1, whose gated feed-forward has wi_0 and wi_1")
     return state
@@ -247,14 +239,13 @@ def t5_config(state, config_json: dict | None = None, **overrides) -> T5Config:
     found.update({k: js[k] for k in ("relative_attention_max_distance", "layer_norm_epsilon") if k in js})
     return T5Config(**{**found, **overrides})
 
-# %% ../nbs/07_t5.ipynb #7198befb
+# %% ../nbs/07_t5.ipynb #8c61289b
 def load_t5(source, prefix: str | None = None, dtype: torch.dtype | None = None, device=None, wo_fp32: bool | None = None, **overrides) -> T5Encoder:
     "A T5 v1.1 encoder in eval mode from a .safetensors file, a transformers / diffusers folder (sharded or not), an SD3 single or all-in-one file or a state dict; an fp16 model keeps `wo` in fp32 unless `wo_fp32=False`."
     state = t5_state(source, prefix)
-    config_json = read_config(source) if isinstance(source, (str, os.PathLike)) else None
-    model = load_into(partial(T5Encoder, t5_config(state, config_json, **overrides)), state, dtype=dtype, device=device).eval()
-    if wo_fp32 is None: wo_fp32 = model.shared.weight.dtype == torch.float16
-    return keep_wo_in_fp32(model) if wo_fp32 else model
+    config = t5_config(state, read_config(source), **overrides)
+    if wo_fp32 is None: wo_fp32 = (dtype or state["shared.weight"].dtype) == torch.float16    # an fp16 model, asked for or from an fp16 file
+    return load_into(partial(T5Encoder, config), cast_t5_state(state, dtype, wo_fp32), device=device).eval()
 
 # %% ../nbs/07_t5.ipynb #e783d43a
 def check_relative_position_bucket(fn, **kwargs) -> bool:

@@ -5,18 +5,17 @@
 # %% auto #0
 __all__ = ['SPACE', 'NORMAL', 'UNKNOWN', 'CONTROL', 'USER_DEFINED', 'UNUSED', 'BYTE', 'FLT_MIN', 'FLT_MAX', 'EXTEND_EXTRA',
            'SPACING_EXTRA', 'NOT_SPACING_MARK', 'PREPEND', 'CONTROL_EXTRA', 'EXTENDED_PICTOGRAPHIC', 'INDIC_LINKER',
-           'INDIC_CONSONANT', 'CONCATENATION_MARK', 'CR', 'LF', 'CTRL', 'EXTEND', 'ZWJ', 'SPACING', 'PREP', 'RI', 'HL',
-           'HV', 'HT', 'HLV', 'HLVT', 'PICT', 'OTHER', 'WHITE_SPACE', 'viterbi', 'logaddexp', 'forward_backward',
-           'em_step', 'seed_vocab', 'prune_vocab', 'train_unigram', 'read_varint', 'parse_message', 'field',
-           'SentencePieceModel', 'parse_sentencepiece_model', 'load_sentencepiece_model', 'decode_charsmap',
-           'SpmNormalizer', 'f32', 'build_trie', 'best_path', 'merge_unknown', 'split_words', 'SentencePieceUnigram',
-           'grapheme_break', 'graphemes', 'PrecompiledNormalizer', 'collapse_spaces', 'whitespace_split',
-           'TokenizerJsonUnigram', 'T5Tokenizer', 'check_viterbi']
+           'INDIC_CONSONANT', 'CR', 'LF', 'CTRL', 'EXTEND', 'ZWJ', 'SPACING', 'PREP', 'RI', 'HL', 'HV', 'HT', 'HLV',
+           'HLVT', 'PICT', 'OTHER', 'lattice', 'viterbi', 'logaddexp', 'forward_backward', 'em_step', 'seed_vocab',
+           'prune_vocab', 'train_unigram', 'read_varint', 'parse_message', 'field', 'SentencePieceModel',
+           'parse_sentencepiece_model', 'load_sentencepiece_model', 'decode_charsmap', 'longest_match', 'SpmNormalizer',
+           'f32', 'build_trie', 'best_path', 'merge_unknown', 'split_words', 'SentencePieceUnigram', 'grapheme_break',
+           'graphemes', 'PrecompiledNormalizer', 'collapse_spaces', 'whitespace_split', 'TokenizerJsonUnigram',
+           'T5Tokenizer', 'check_viterbi']
 
-# %% ../nbs/04_unigram.ipynb #fae01a24
+# %% ../nbs/04_unigram.ipynb #217b8836
 import base64
 import functools
-import json
 import math
 import random
 import struct
@@ -28,10 +27,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .bpe import WHITE_SPACE, added_token_pattern, batch_texts, cached, id_list, read_json, split_on
 from .testing import Case, run_checks
 
 # %% ../nbs/04_unigram.ipynb #9bdf5a75
 SPACE = "\u2581"   # '▁', SentencePiece's visible space
+
+# %% ../nbs/04_unigram.ipynb #038a32db
+def lattice(text: str, logp: dict, max_len: int | None = None) -> list:
+    "The edges (i, j, piece, log p) of the segmentation lattice of `text`, pieces of at most `max_len` characters (default: the longest in `logp`), ordered by start then end."
+    max_len = max_len or max(map(len, logp), default=1)
+    return [(i, j, text[i:j], logp[text[i:j]]) for i in range(len(text)) for j in range(i + 1, min(len(text), i + max_len) + 1) if text[i:j] in logp]
 
 # %% ../nbs/04_unigram.ipynb #c1524d6a
 def viterbi(text: str, logp: dict, max_len: int | None = None) -> list:
@@ -54,18 +60,16 @@ def logaddexp(a: float, b: float) -> float:
     if a < b: a, b = b, a
     return a if b == -math.inf else a + math.log1p(math.exp(b - a))
 
-# %% ../nbs/04_unigram.ipynb #af7cf27f
+# %% ../nbs/04_unigram.ipynb #7e264aa2
 def forward_backward(text: str, logp: dict, max_len: int | None = None) -> tuple:
     "log P(text) summed over all segmentations, and the expected count of each piece (a Counter)."
-    max_len = max_len or max(map(len, logp), default=1)
-    n = len(text)
-    edges = [(i, j, logp[text[i:j]]) for i in range(n) for j in range(i + 1, min(n, i + max_len) + 1) if text[i:j] in logp]
+    n, edges = len(text), lattice(text, logp, max_len)
     alpha, beta = [0.0] + [-math.inf] * n, [-math.inf] * n + [0.0]
-    for i, j, lp in edges: alpha[j] = logaddexp(alpha[j], alpha[i] + lp)           # edges come sorted by start i
-    for i, j, lp in reversed(edges): beta[i] = logaddexp(beta[i], lp + beta[j])
+    for i, j, _, lp in edges: alpha[j] = logaddexp(alpha[j], alpha[i] + lp)        # edges come sorted by start i
+    for i, j, _, lp in reversed(edges): beta[i] = logaddexp(beta[i], lp + beta[j])
     if alpha[n] == -math.inf: raise ValueError(f"No segmentation of {text!r} with this vocabulary")
     counts = Counter()
-    for i, j, lp in edges: counts[text[i:j]] += math.exp(alpha[i] + lp + beta[j] - alpha[n])
+    for i, j, piece, lp in edges: counts[piece] += math.exp(alpha[i] + lp + beta[j] - alpha[n])
     return alpha[n], counts
 
 # %% ../nbs/04_unigram.ipynb #bd6b156d
@@ -254,7 +258,12 @@ def decode_charsmap(blob: bytes) -> dict:
     if not rules: raise ValueError("precompiled_charsmap is corrupt: its trie holds no rules")
     return rules
 
-# %% ../nbs/04_unigram.ipynb #2d1a9f7c
+# %% ../nbs/04_unigram.ipynb #4b9f1889
+def longest_match(text: str, i: int, keys, max_len: int) -> int:
+    "The length of the longest of `keys` (strings of at most `max_len` characters) that starts at `text[i]`; 0 if none does."
+    return next((k for k in range(min(max_len, len(text) - i), 0, -1) if text[i:i + k] in keys), 0)
+
+# %% ../nbs/04_unigram.ipynb #bdd54e75
 class SpmNormalizer:
     "SentencePiece's normaliser: longest-match rewrite rules, then whitespace clean-up and the `▁` prefix."
     def __init__(self, rules: dict, add_dummy_prefix: bool = True, remove_extra_whitespaces: bool = True,
@@ -270,9 +279,9 @@ class SpmNormalizer:
         out, i, n = [], 0, len(text)
         while i < n:
             if text[i] not in self.first: out.append(text[i]); i += 1; continue
-            size = next((k for k in range(min(self.user_max_len, n - i), 0, -1) if text[i:i + k] in self.user), 0)
+            size = longest_match(text, i, self.user, self.user_max_len)
             if size: out.append(text[i:i + size]); i += size; continue
-            size = next((k for k in range(min(self.max_len, n - i), 0, -1) if text[i:i + k] in self.rules), 0)
+            size = longest_match(text, i, self.rules, self.max_len)
             out.append(self.rules[text[i:i + size]] if size else text[i]); i += size or 1
         return out
 
@@ -349,7 +358,7 @@ def split_words(text: str, space: str = SPACE) -> list:
     parts = text.split(space)
     return ([parts[0]] if parts[0] else []) + [space + p for p in parts[1:]]
 
-# %% ../nbs/04_unigram.ipynb #ffa29069
+# %% ../nbs/04_unigram.ipynb #837e1b9b
 class SentencePieceUnigram:
     "A SentencePiece unigram model as `sentencepiece` runs it: normaliser, float32 Viterbi over a trie, unknown-run merging, decoding."
     def __init__(self, model: SentencePieceModel, name: str = "spiece.model"):
@@ -381,13 +390,14 @@ class SentencePieceUnigram:
         "Ids of already-normalised text: one float32 Viterbi over all of it."
         return merge_unknown(best_path(normalized, self.trie, self.scores, self.unk_id, self.unk_score, float32=True)[0], self.unk_id)
 
+    def _exact(self, word: str) -> tuple:
+        "The ids of one word segmented from a score of 0 in double precision, and the smallest gap between competing candidates."
+        ids, _, gap = best_path(word, self.trie, self.scores, self.unk_id, self.unk_score)
+        return ids, gap
+
     def _word(self, word: str, total: float) -> tuple:
         "Ids of one word starting at running score `total`, from the cache when rounding cannot matter; and the new total."
-        if (hit := self.cache.get(word)) is None:
-            if len(self.cache) > 100_000: self.cache.clear()
-            ids, _, gap = best_path(word, self.trie, self.scores, self.unk_id, self.unk_score)
-            hit = self.cache[word] = (ids, gap)
-        ids, gap, n = hit[0], hit[1], len(word)
+        (ids, gap), n = cached(self.cache, word, self._exact), len(word)
         if gap > (n + 2) * (abs(total) + (n + 1) * self.max_abs_score) * 2.0 ** -20:
             for i in ids: total = f32(self.scores[i] + total)
             return ids, total
@@ -420,7 +430,7 @@ class SentencePieceUnigram:
             out.append(piece)
         return "".join(out)
 
-# %% ../nbs/04_unigram.ipynb #c8c91dd8
+# %% ../nbs/04_unigram.ipynb #f50b1fac
 def _codepoints(*items) -> frozenset:
     "A set of code points from ints and inclusive (first, last) ranges."
     return frozenset(c for it in items for c in (range(it[0], it[1] + 1) if isinstance(it, tuple) else (it,)))
@@ -470,9 +480,8 @@ INDIC_CONSONANT = _codepoints((0x0915, 0x0939), (0x0958, 0x095F), (0x0978, 0x097
     0xAA7A, (0xAA7E, 0xAA7F), (0xAAE0, 0xAAEA), (0xABC0, 0xABDA), 0x10A00, (0x10A10, 0x10A13), (0x10A15, 0x10A17), (0x10A19, 0x10A35),
     (0x11103, 0x11126), 0x11144, 0x11147, (0x11380, 0x11389), 0x1138B, 0x1138E, (0x11390, 0x113B5), (0x11900, 0x11906), 0x11909, (0x1190C, 0x11913),
     (0x11915, 0x11916), (0x11918, 0x1192F), 0x11A00, (0x11A0B, 0x11A32), 0x11A50, (0x11A5C, 0x11A83), (0x11F04, 0x11F10), (0x11F12, 0x11F33))
-CONCATENATION_MARK = _codepoints((0x0600, 0x0605), 0x06DD, 0x070F, (0x0890, 0x0891), 0x08E2, 0x110BD, 0x110CD)   # format characters that are Prepend, not Control
 
-# %% ../nbs/04_unigram.ipynb #b1b3f4c9
+# %% ../nbs/04_unigram.ipynb #bea67c90
 CR, LF, CTRL, EXTEND, ZWJ, SPACING, PREP, RI, HL, HV, HT, HLV, HLVT, PICT, OTHER = range(15)
 
 def grapheme_break(c: str) -> int:
@@ -493,7 +502,7 @@ def grapheme_break(c: str) -> int:
     cat = unicodedata.category(c)
     if cat in ("Mn", "Me"): return EXTEND
     if cat == "Mc": return OTHER if cp in NOT_SPACING_MARK else SPACING
-    if cat in ("Cc", "Zl", "Zp", "Cs") or (cat == "Cf" and cp not in CONCATENATION_MARK): return CTRL
+    if cat in ("Cc", "Cf", "Zl", "Zp", "Cs"): return CTRL                            # the Cf that are Prepend returned above
     return OTHER
 
 # %% ../nbs/04_unigram.ipynb #7abb60a1
@@ -544,9 +553,7 @@ class PrecompiledNormalizer:
             out += [rules.get(c, c) for c in g]
         return "".join(out)
 
-# %% ../nbs/04_unigram.ipynb #b22174a8
-WHITE_SPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
-
+# %% ../nbs/04_unigram.ipynb #9c51c0ea
 def collapse_spaces(text: str, content: str) -> str:
     "Replace every run of two or more spaces in `text` by `content` (the regex ' {2,}')."
     if "  " not in text: return text
@@ -563,7 +570,7 @@ def whitespace_split(text: str) -> list:
     if not ({"\x1c", "\x1d", "\x1e", "\x1f"} & set(text)): return text.split()   # where Python's idea of whitespace is wider
     return "".join(" " if c in WHITE_SPACE else c for c in text).split(" ")
 
-# %% ../nbs/04_unigram.ipynb #485cc1da
+# %% ../nbs/04_unigram.ipynb #87347f92
 def _normalizer_from_json(spec: dict, name: str):
     "A function str -> str for a tokenizer.json normalizer."
     kind = spec.get("type")
@@ -579,8 +586,11 @@ def _normalizer_from_json(spec: dict, name: str):
         if pattern.get("Regex") == " {2,}": return lambda text: collapse_spaces(text, content)
         raise NotImplementedError(f"{name}: Replace with pattern {pattern} is not supported (only strings and ' {{2,}}')")
     if kind == "Strip":
-        ws, left, right = "".join(WHITE_SPACE), spec.get("strip_left", True), spec.get("strip_right", True)
-        return lambda text: (text.lstrip(ws) if left else text).rstrip(ws) if right else (text.lstrip(ws) if left else text)
+        left, right = spec.get("strip_left", True), spec.get("strip_right", True)
+        def strip(text):
+            if left: text = text.lstrip(WHITE_SPACE)
+            return text.rstrip(WHITE_SPACE) if right else text
+        return strip
     raise NotImplementedError(f"{name}: the normalizer {kind!r} is not supported (T5 files use Precompiled, Replace and Strip)")
 
 def _pretokenizer_from_json(spec: dict, name: str):
@@ -604,7 +614,7 @@ def _pretokenizer_from_json(spec: dict, name: str):
         return metaspace
     raise NotImplementedError(f"{name}: the pre-tokenizer {kind!r} is not supported (T5 files use WhitespaceSplit and Metaspace)")
 
-# %% ../nbs/04_unigram.ipynb #3ce1df1d
+# %% ../nbs/04_unigram.ipynb #d1fe187b
 class TokenizerJsonUnigram:
     "A T5 `tokenizer.json` as Hugging Face tokenizers runs it: added tokens, normalizer, pre-tokenizer, per-word float64 Viterbi, Metaspace decoding."
     def __init__(self, spec: dict, name: str = "tokenizer.json"):
@@ -621,7 +631,7 @@ class TokenizerJsonUnigram:
                 raise NotImplementedError(f"{name}: the added token {tok['content']!r} uses normalized/lstrip/rstrip/single_word, which T5 files do not")
             self.added[tok["content"]], self.id_to_token[tok["id"]] = tok["id"], tok["content"]
             if tok.get("special"): self.special.add(tok["id"])
-        self.added_first, self.added_max_len = frozenset(t[0] for t in self.added), max(map(len, self.added), default=0)
+        self.added_pattern = added_token_pattern(list(self.added))                      # leftmost, longest first
         self.normalize = _normalizer_from_json(spec["normalizer"], name) if spec.get("normalizer") else (lambda text: text)
         self.pretokenize = _pretokenizer_from_json(spec["pre_tokenizer"], name) if spec.get("pre_tokenizer") else (lambda words: words)
         decoder = spec.get("decoder") or {}
@@ -633,31 +643,16 @@ class TokenizerJsonUnigram:
             if token not in token_ids: raise ValueError(f"{name}: no {token} token, which T5 needs as its {what} token")
         self.pad_id, self.eos_id, self.vocab_size, self.cache = token_ids["<pad>"], token_ids["</s>"], max(self.id_to_token) + 1, {}
 
-    def split_added(self, text: str) -> list:
-        "`text` cut around added tokens (leftmost, longest match): strings, and ints for the tokens' ids."
-        if self.added_first.isdisjoint(text): return [text]
-        out, start, i, n = [], 0, 0, len(text)
-        while i < n:
-            size = next((k for k in range(min(self.added_max_len, n - i), 0, -1) if text[i:i + k] in self.added), 0) if text[i] in self.added_first else 0
-            if not size: i += 1; continue
-            if i > start: out.append(text[start:i])
-            out.append(self.added[text[i:i + size]])
-            i = start = i + size
-        return out + [text[start:]] if start < n else out
-
-    def _word(self, word: str) -> list:
-        "Ids of one pre-tokenized word (cached)."
-        if (ids := self.cache.get(word)) is None:
-            if len(self.cache) > 100_000: self.cache.clear()
-            ids = self.cache[word] = merge_unknown(best_path(word, self.trie, self.scores, self.unk_id, self.unk_score)[0], self.unk_id)
-        return ids
+    def _segment(self, word: str) -> list:
+        "Ids of one pre-tokenized word: the float64 Viterbi, runs of `<unk>` merged."
+        return merge_unknown(best_path(word, self.trie, self.scores, self.unk_id, self.unk_score)[0], self.unk_id)
 
     def encode(self, text: str) -> list:
         "Ids of `text`, exactly as tokenizers encodes it without special tokens added."
         ids = []
-        for part in self.split_added(text):
-            if isinstance(part, int): ids.append(part); continue
-            for w in self.pretokenize([normalized] if (normalized := self.normalize(part)) else []): ids += self._word(w)
+        for part, added_id in split_on(text, self.added_pattern, self.added):
+            if added_id is not None: ids.append(added_id); continue
+            for w in self.pretokenize([normalized] if (normalized := self.normalize(part)) else []): ids += cached(self.cache, w, self._segment)
         return ids
 
     def decode(self, ids: list) -> str:
@@ -665,7 +660,7 @@ class TokenizerJsonUnigram:
         tokens = [self.id_to_token[i] for i in ids if i not in self.special]
         return "".join(t.replace(self.decode_rep, "" if k == 0 and self.decode_strip else " ") for k, t in enumerate(tokens))
 
-# %% ../nbs/04_unigram.ipynb #e1b67988
+# %% ../nbs/04_unigram.ipynb #6d2827bb
 class T5Tokenizer:
     "T5's tokenizer in pure Python, from `spiece.model` (as sentencepiece) or `tokenizer.json` (as T5TokenizerFast); `tok(texts)` gives the (B, L) ids for the T5 encoder."
     def __init__(self, backend):
@@ -682,8 +677,7 @@ class T5Tokenizer:
             path = found[0]
         if not path.is_file(): raise FileNotFoundError(f"{path}: no such file or folder (expected spiece.model, tokenizer.json, or a folder holding either)")
         if path.suffix != ".json": return cls(SentencePieceUnigram(load_sentencepiece_model(path), str(path)))
-        try: spec = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+        spec = read_json(path)
         if not isinstance(spec, dict): raise ValueError(f"{path}: not a valid tokenizer.json (expected a JSON object, found {type(spec).__name__})")
         try: return cls(TokenizerJsonUnigram(spec, str(path)))
         except (KeyError, TypeError) as e: raise ValueError(f"{path}: not a valid tokenizer.json (missing or malformed entry {e})") from None
@@ -695,16 +689,11 @@ class T5Tokenizer:
 
     def decode(self, ids) -> str:
         "The text of `ids` (a list or 1-D tensor): pad and EOS vanish."
-        ids = [int(i) for i in ids]
-        if (bad := [i for i in ids if not 0 <= i < self.vocab_size]): raise ValueError(f"decode: id {bad[0]} is outside the vocabulary (0 to {self.vocab_size - 1})")
-        return self.backend.decode(ids)
+        return self.backend.decode(id_list(ids, range(self.vocab_size)))
 
     def __call__(self, texts, max_length: int = 256) -> torch.Tensor:
         "A LongTensor (B, max_length): each row the ids truncated to max_length - 1, then EOS, then pad."
-        if isinstance(texts, str): texts = [texts]
-        if not isinstance(texts, (list, tuple)): raise TypeError(f"expected a string or a list of strings, got {type(texts).__name__}")
-        if (bad := [i for i, t in enumerate(texts) if not isinstance(t, str)]): raise TypeError(f"expected strings, but texts[{bad[0]}] is a {type(texts[bad[0]]).__name__}")
-        if not isinstance(max_length, int) or max_length < 1: raise ValueError(f"max_length={max_length!r} cannot hold the EOS token: it must be an int >= 1")
+        texts = batch_texts(texts, max_length, 1, "the EOS token")
         out = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)               # (B, L)
         for row, text in enumerate(texts):
             ids = self.backend.encode(text)[:max_length - 1] + [self.eos_id]

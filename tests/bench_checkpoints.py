@@ -13,8 +13,9 @@ fresh subprocesses, so that every measurement starts from the same baseline:
     naive       build the module on the CPU, `safetensors.torch.load_file`, `module.load_state_dict`
 
 Each child touches every parameter afterwards (a checksum), so pages that are mapped but never read
-cannot flatter the numbers. It prints the peak resident set size (VmHWM) of each, above the RSS the
-process had before loading (imports included in the baseline), and the ratios to the file size.
+cannot flatter the numbers. It prints the peak resident set size (VmHWM, reset just before loading so
+that transient peaks of the imports do not count) of each, above the RSS the process had before
+loading (imports included in the baseline), and the ratios to the file size.
 With --json the last line is a JSON object with the same numbers. Linux only (/proc/self/status).
 """
 import argparse
@@ -46,10 +47,16 @@ def status_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def reset_peak() -> None:
+    "Reset VmHWM to the current RSS (writing 5 to /proc/self/clear_refs, Linux >= 4.0), so that the peak counts from now, not from import time."
+    with open("/proc/self/clear_refs", "w") as f: f.write("5")
+
+
 def child(mode: str, path: str, n_layers: int, width: int) -> None:
     "Load `path` the `mode` way in this (fresh) process and print one JSON line with the memory numbers."
     from safetensors.torch import load_file
     from sd_book.checkpoints import load_into
+    reset_peak()
     before = status_kb("VmRSS")
     start = time.perf_counter()
     if mode == "naive":

@@ -10,7 +10,7 @@ and 1) with diffusers' random initialisation, loads ours from its state dict wit
 the device and dtype, and checks that they agree. Then, on 64 x 64 latents (1024 image tokens), 154 text tokens
 and a batch of 2, it alternates the two models over `--rounds` forward passes each after `--warmup` passes each,
 and reports the fastest and the median time of each, and the peak memory that one forward pass allocates above what was allocated before:
-torch.profiler's allocation events on the CPU (as in nbs/09_attention.ipynb), torch.cuda.max_memory_allocated
+`sd_book.core.peak_memory`: torch.profiler's allocation events on the CPU, torch.cuda.max_memory_allocated
 on a GPU. The last line is JSON with the numbers (--json).
 
 Timing on a shared CPU: by default the script runs torch on one thread and measures the CPU time of its own
@@ -21,40 +21,14 @@ the medians are printed too. On a GPU it is wall-clock time with the device sync
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 
-from sd_book.core import get_dtype, randn
+from sd_book.core import get_device, get_dtype, peak_memory, randn
 from sd_book.mmdit import MMDiTConfig, load_mmdit, to_diffusers_config
-
-
-@contextmanager
-def quiet_stderr():
-    "Silence file descriptor 2 (the profiler's C++ logger prints a line each time it starts and stops)."
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try: yield
-    finally: os.dup2(saved, 2); os.close(saved); os.close(devnull)
-
-
-def peak_bytes(fn, device: torch.device) -> int:
-    "Peak bytes allocated by PyTorch during fn() above the allocation before it."
-    if device.type == "cuda":
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn(); torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    current = peak = 0
-    for e in events: current += e.nbytes(); peak = max(peak, current)
-    return peak
 
 
 def seconds(fn, device: torch.device) -> float:
@@ -72,16 +46,17 @@ def main(argv=None) -> dict:
     p.add_argument("--depth", type=int, default=4); p.add_argument("--width", type=int, default=512)
     p.add_argument("--latent", type=int, default=64); p.add_argument("--text", type=int, default=154); p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7); p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="cpu"); p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on the CPU, bf16 on a GPU)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto for the best available (default: cpu)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: get_dtype's for the device: fp32 on the CPU, bf16 on a recent GPU)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1; 0: torch's choice)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     import diffusers
     from diffusers import SD3Transformer2DModel
     diffusers.utils.logging.set_verbosity_error()
-    device = torch.device(a.device)
+    device = get_device(a.device)
+    dtype = get_dtype(a.dtype, device)
     if a.threads: torch.set_num_threads(a.threads)
-    dtype = get_dtype(a.dtype or ("fp32" if device.type == "cpu" else "bf16"))
     config = MMDiTConfig(depth=a.depth, hidden_size=a.width, num_heads=a.width // 64, pos_embed_max_size=a.latent, qk_norm="rms", attn2_layers=(0, 1))
     torch.manual_seed(0)
     ref = SD3Transformer2DModel(**to_diffusers_config(config)).eval()
@@ -99,7 +74,7 @@ def main(argv=None) -> dict:
         for i in range(a.rounds):                                   # alternate, and alternate who goes first
             order = [("ours", run_ours), ("diffusers", run_ref)][:: 1 if i % 2 == 0 else -1]
             for name, fn in order: times[name].append(seconds(fn, device))
-        memory = {"ours": peak_bytes(run_ours, device), "diffusers": peak_bytes(run_ref, device)}
+        memory = {"ours": peak_memory(run_ours, device=device), "diffusers": peak_memory(run_ref, device=device)}
     med, best = ({k: f(v) for k, v in times.items()} for f in (statistics.median, min))
     r = dict(device=str(device), dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(), depth=a.depth, width=a.width,
              image_tokens=(S // 2) ** 2, text_tokens=a.text, batch=B, rounds=a.rounds, max_abs_diff=diff,

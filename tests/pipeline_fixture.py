@@ -8,12 +8,14 @@ real releases put it:
   vae/, text_encoder/, text_encoder_2/, text_encoder_3/, tokenizer/, tokenizer_2/, tokenizer_3/,
   scheduler/, model_index.json). CLIP tokenizers from sd_book's shipped vocabulary (tokenizer_2 pads
   with "!" like SD3.5's), a T5 tokenizer trained here with SentencePiece using T5's settings.
+- `random_diffusers(seed, config)`: a random diffusers MMDiT for an `MMDiTConfig` (also used by nbs/10_mmdit.ipynb's parity section).
 - `write_single_files(diffusers_folder, folder)`: Stability's layout, one file with
   `model.diffusion_model.*` and `first_stage_model.*`, and text_encoders/clip_l (without a projection:
   SD3 uses CLIP-L's pooled vector unprojected, so the diffusers CLIP-L here has the identity), clip_g,
   t5xxl_fp16 (+ the T5 tokenizer's spiece.model there, since a single-file folder has no tokenizer_3/).
 """
 import io
+import re
 import tempfile
 from pathlib import Path
 
@@ -65,17 +67,23 @@ def _vae(seed: int):
                          scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False).eval()
 
 
-def _mmdit(seed: int):
-    "A random SD3.5-style SD3Transformer2DModel: QK-norm, one MMDiT-X block, norm gains randomised too."
+def random_diffusers(seed: int, config):
+    "A random diffusers SD3Transformer2DModel for sd_book's MMDiTConfig `config` (through `to_diffusers_config`), in eval mode; the QK-norm gains, which diffusers sets to 1, are randomised too."
     from diffusers import SD3Transformer2DModel
+    from sd_book.mmdit import to_diffusers_config
     torch.manual_seed(seed)
-    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=TINY["mmdit_depth"], attention_head_dim=64,
-                                  num_attention_heads=TINY["mmdit_heads"], joint_attention_dim=TINY["t5"], caption_projection_dim=64 * TINY["mmdit_heads"],
-                                  pooled_projection_dim=TINY["clip_l"] + TINY["clip_g"], out_channels=16, pos_embed_max_size=16,
-                                  qk_norm="rms_norm", dual_attention_layers=(0,)).eval()
+    model = SD3Transformer2DModel(**to_diffusers_config(config)).eval()
     for name, p in model.named_parameters():
-        if "norm_" in name and p.ndim == 1: p.data.normal_(1.0, 0.3)
+        if re.search(r"\.norm_(added_)?[qk]\.weight$", name): p.data.normal_(1.0, 0.3)      # attn.norm_q, norm_k, norm_added_q, norm_added_k, attn2.norm_q ...
     return model
+
+
+def _mmdit(seed: int):
+    "A random SD3.5-style MMDiT in diffusers' classes: QK-norm, one MMDiT-X block, 64-wide heads, as wide as T5's context."
+    from sd_book.mmdit import MMDiTConfig
+    config = MMDiTConfig(depth=TINY["mmdit_depth"], hidden_size=64 * TINY["mmdit_heads"], num_heads=TINY["mmdit_heads"], pos_embed_max_size=16, sample_size=16,
+                         context_dim=TINY["t5"], pooled_dim=TINY["clip_l"] + TINY["clip_g"], qk_norm="rms", attn2_layers=(0,))
+    return random_diffusers(seed, config)
 
 
 def build_diffusers_folder(folder, seed: int = 0) -> Path:

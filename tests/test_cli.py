@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 import sd_book.pipeline as pipeline
-from sd_book.checkpoints import DownloadError
 from sd_book.pipeline import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,11 +71,16 @@ def test_no_model_given(capsys, monkeypatch):
 
 
 def test_gated_repository_without_token(capsys, monkeypatch):
+    "The Hub's GatedRepoError, raised where sd_book.checkpoints.download calls huggingface_hub, reaches the user as chapter 5's explanation."
+    import huggingface_hub
+    from huggingface_hub import errors
+    http = sys.modules[errors.Response.__module__]                  # the HTTP library huggingface_hub uses (httpx)
     def refuse(repo_id, **kwargs):
-        raise DownloadError(f"{repo_id} is a gated repository: open https://huggingface.co/{repo_id} while logged in and accept its licence, then set HF_TOKEN=hf_...")
-    monkeypatch.setattr(pipeline, "download", refuse)
+        response = http.Response(401, request=http.Request("GET", f"https://huggingface.co/api/models/{repo_id}"))
+        raise errors.GatedRepoError(f"401 Client Error: access to {repo_id} is restricted", response=response)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
     status, out, err = run(capsys, "generate", "a cat", "--model", "stabilityai/stable-diffusion-3.5-large")
-    assert status == 1 and "gated repository" in err and "HF_TOKEN" in err
+    assert status == 1 and "stabilityai/stable-diffusion-3.5-large is a gated repository" in err and "accept its licence" in err and "HF_TOKEN" in err
 
 
 def test_out_of_memory(capsys, monkeypatch, tiny_folder, tmp_path):
