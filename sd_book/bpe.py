@@ -6,10 +6,10 @@
 __all__ = ['WHITE_SPACE', 'CLIP_SPECIAL_PIECES', 'BYTE_ENCODER', 'BYTE_DECODER', 'BYTE_TRANSLATION', 'CLIP_BPE_FILE',
            'CLIP_NUM_MERGES', 'BOS_TOKEN', 'EOS_TOKEN', 'CACHE_SIZE', 'pair_counts', 'merge', 'train_bpe', 'bpe_vocab',
            'bpe_encode', 'bpe_decode', 'docstring_corpus', 'unicode_ranges', 'clip_split_pattern', 'clip_split',
-           'clip_normalize', 'bytes_to_unicode', 'byte_level', 'bpe_merge', 'load_clip_bpe', 'validate_clip_bpe',
-           'cached', 'end_of_word', 'ByteLevelBPE', 'AddedToken', 'split_on', 'added_token_pattern', 'read_json',
-           'read_merges', 'clip_special_tokens', 'read_clip_files', 'write_clip_files', 'batch_texts', 'id_list',
-           'CLIPTokenizer', 'check_pair_counts', 'check_merge']
+           'clip_normalize', 'bytes_to_unicode', 'byte_level', 'bpe_merge', 'clip_vocab', 'load_clip_bpe',
+           'validate_clip_bpe', 'cached', 'end_of_word', 'ByteLevelBPE', 'AddedToken', 'split_on',
+           'added_token_pattern', 'read_json', 'read_merges', 'clip_special_tokens', 'read_clip_files',
+           'write_clip_files', 'batch_texts', 'id_list', 'CLIPTokenizer', 'check_pair_counts', 'check_merge']
 
 # %% ../nbs/03_bpe.ipynb #c32a970c
 import ast
@@ -49,12 +49,12 @@ def merge(ids: list, pair: tuple, new_id: int) -> list:
     return out
 
 # %% ../nbs/03_bpe.ipynb #de1a963e
-def train_bpe(chunks: list, num_merges: int, history: list | None = None) -> dict:
-    "Learn up to `num_merges` merges from the byte strings `chunks`: {(a, b): new_id}, new ids 256, 257, ... in the order learned."
-    bag = Counter(bytes(c) for c in chunks)                  # distinct chunks and how often each occurs
+def train_bpe(chunks: list, num_merges: int, history: list | None = None, first_id: int = 256) -> dict:
+    "Learn up to `num_merges` merges from `chunks` (byte strings, or lists of ids below `first_id`): {(a, b): new_id}, new ids first_id, first_id + 1, ..."
+    bag = Counter(tuple(c) for c in chunks)                  # distinct chunks and how often each occurs
     words, weights = [list(c) for c in bag], list(bag.values())
     merges = {}
-    for new_id in range(256, 256 + num_merges):
+    for new_id in range(first_id, first_id + num_merges):
         counts = {}
         for word, w in zip(words, weights): counts = pair_counts(word, counts, w)
         if not counts: break                                  # every chunk is a single token
@@ -180,6 +180,12 @@ CLIP_NUM_MERGES = 49152 - 256 - 2
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
 # %% ../nbs/03_bpe.ipynb #01882249
+def clip_vocab(merges: list) -> dict:
+    "CLIP's vocabulary layout {token: id}: the 256 byte characters, the same with `</w>`, one token per merge, then BOS and EOS."
+    chars = list(BYTE_ENCODER.values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    return {t: i for i, t in enumerate(tokens)}
+
 def load_clip_bpe(path=None) -> tuple:
     "CLIP's vocabulary {token: id} and merges [(a, b), ...] from OpenAI's gzipped merges file (by default the copy shipped in sd_book)."
     path = Path(path) if path is not None else resources.files("sd_book").joinpath("assets", CLIP_BPE_FILE)
@@ -190,9 +196,7 @@ def load_clip_bpe(path=None) -> tuple:
     merges = [tuple(line.split()) for line in lines[1:CLIP_NUM_MERGES + 1]]
     if len(merges) < CLIP_NUM_MERGES or any(len(m) != 2 for m in merges):
         raise ValueError(f"{path} should hold a header line and then at least {CLIP_NUM_MERGES} merges 'a b', one per line")
-    chars = list(BYTE_ENCODER.values())
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
-    return {t: i for i, t in enumerate(tokens)}, merges
+    return clip_vocab(merges), merges
 
 # %% ../nbs/03_bpe.ipynb #5c38dbad
 def validate_clip_bpe(vocab: dict, merges: list, source: str = "the vocabulary") -> None:
@@ -326,14 +330,15 @@ def read_clip_files(path, subfolder: str | None = None) -> dict:
     return {"vocab": vocab, "merges": merges, "source": str(source), **clip_special_tokens(config, added)}
 
 # %% ../nbs/03_bpe.ipynb #35cf494f
-def write_clip_files(folder, vocab: dict, merges: list, added: dict, bos_token: str, eos_token: str, pad_token: str) -> list:
-    "Write a CLIP tokenizer in the Hugging Face layout (vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json); `added` maps id -> AddedToken."
+def write_clip_files(folder, vocab: dict, merges: list, added: dict, bos_token: str, eos_token: str, pad_token: str,
+                     model_max_length: int = 77) -> list:
+    "Write a CLIP tokenizer in the Hugging Face layout (vocab.json, merges.txt and the two configs); `added` maps id -> AddedToken."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     special = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token, "unk_token": eos_token}
     config = {"added_tokens_decoder": {str(i): {"content": t.content, "lstrip": False, "normalized": t.normalized, "rstrip": False,
                                                 "single_word": False, "special": t.special} for i, t in sorted(added.items())},
               **special, "clean_up_tokenization_spaces": False, "do_lower_case": True, "errors": "replace",
-              "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
+              "model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer"}
     files = {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
              "special_tokens_map.json": json.dumps(special, indent=2), "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
     for name, content in files.items(): (folder / name).write_text(content, encoding="utf-8")
@@ -420,9 +425,9 @@ class CLIPTokenizer(ByteLevelBPE):
         "Load a Hugging Face CLIP tokenizer: a folder (vocab.json + merges.txt, or tokenizer.json, with their configs) or the path of its vocab.json; `kwargs` override, e.g. pad_token."
         return cls(**{**read_clip_files(path, subfolder), **kwargs})
 
-    def save_pretrained(self, folder) -> list:
-        "Write this tokenizer in the Hugging Face layout (vocab.json, merges.txt and the two configs) read by from_pretrained and by transformers."
-        return write_clip_files(folder, self.vocab, self.merges, self.added, self.bos_token, self.eos_token, self.pad_token)
+    def save_pretrained(self, folder, model_max_length: int = 77) -> list:
+        "Write this tokenizer in the Hugging Face layout read by from_pretrained and by transformers; `model_max_length` is the text encoder's."
+        return write_clip_files(folder, self.vocab, self.merges, self.added, self.bos_token, self.eos_token, self.pad_token, model_max_length)
 
 # %% ../nbs/03_bpe.ipynb #480d7858
 def check_pair_counts(fn, **kwargs) -> bool:

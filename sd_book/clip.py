@@ -6,16 +6,19 @@
 __all__ = ['ACTIVATIONS', 'CLIP_RENAMES', 'CLIP_ACT_BY_WIDTH', 'CLIPConfig', 'validate_ids', 'CLIPTextEmbeddings', 'causal_mask',
            'CLIPAttention', 'quick_gelu', 'activation', 'CLIPMLP', 'CLIPEncoderLayer', 'CLIPEncoder', 'eos_positions',
            'pool_at_eos', 'CLIPOutput', 'CLIPTextTransformer', 'CLIPTextEncoder', 'clip_num_params', 'num_params',
-           'rel_err', 'clip_state', 'clip_config', 'load_clip', 'check_pool_at_eos']
+           'rel_err', 'clip_state', 'clip_config', 'load_clip', 'clip_config_json', 'save_clip', 'check_pool_at_eos']
 
 # %% ../nbs/06_clip.ipynb #6de39f7a
+import json
 import re
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from .core import randn
 from .testing import Case, run_checks
@@ -274,6 +277,23 @@ def load_clip(source, prefix: str | None = None, dtype: torch.dtype | None = Non
     config_json = read_config(source)
     config = clip_config(state, config_json, **overrides)
     return load_into(partial(CLIPTextEncoder, config), state, dtype=dtype, device=device).eval()
+
+# %% ../nbs/06_clip.ipynb #5751bad5
+def clip_config_json(config: CLIPConfig) -> dict:
+    "transformers' config.json for a `CLIPTextModelWithProjection` of this config."
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+            "projection_dim", "hidden_act", "layer_norm_eps")
+    eos = 2 if config.eos_token_id is None else config.eos_token_id        # transformers reads eos_token_id 2 as "pool at argmax(ids)"
+    return {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", **{k: getattr(config, k) for k in keys},
+            "eos_token_id": eos}
+
+def save_clip(model: CLIPTextEncoder, folder, dtype: torch.dtype | None = None) -> Path:
+    "Write `model` as a transformers CLIPTextModelWithProjection folder (config.json, model.safetensors), in `dtype` if given."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(clip_config_json(model.config), indent=2))
+    return folder
 
 # %% ../nbs/06_clip.ipynb #c4a620f6
 def check_pool_at_eos(fn, **kwargs) -> bool:

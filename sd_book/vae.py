@@ -7,20 +7,22 @@ __all__ = ['DIFFUSERS_VAE_DEFAULTS', 'SD3_LATENT', 'SD_LATENT', 'VAEConfig', 'va
            'Downsample', 'Upsample', 'AttnBlock', 'MidBlock', 'EncoderLevel', 'Encoder', 'DecoderLevel', 'Decoder',
            'reparameterize', 'DiagonalGaussian', 'AutoencoderKL', 'latent_shape', 'toy_shapes', 'vae_loss', 'train_vae',
            'reconstruction_error', 'LatentFormat', 'tile_starts', 'blend_ramp', 'tiled_apply', 'tiled_decode',
-           'tiled_encode', 'vae_renames', 'vae_state', 'vae_config_from_state', 'load_vae', 'check_latent_shape',
-           'check_reparameterize']
+           'tiled_encode', 'vae_renames', 'vae_state', 'vae_config_from_state', 'load_vae', 'vae_diffusers_config',
+           'vae_renames_to_diffusers', 'vae_to_diffusers', 'save_vae', 'check_latent_shape', 'check_reparameterize']
 
 # %% ../nbs/08_vae.ipynb #05fd4f1f
+import json
 import os
 import re
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .checkpoints import (CheckpointError, LazyStateDict, component_folder, component_prefix, load_into, open_checkpoint, read_config, rename_keys,
@@ -490,6 +492,40 @@ def load_vae(source, prefix: str | None = None, dtype: torch.dtype | None = None
     config_json = _vae_config_json(source)
     config = vae_config_from_dict(config_json, **overrides) if config_json else vae_config_from_state(state, **overrides)
     return load_into(partial(AutoencoderKL, config), state, dtype=dtype, device=device).eval()
+
+# %% ../nbs/08_vae.ipynb #443197c7
+def vae_diffusers_config(config: VAEConfig) -> dict:
+    "diffusers' AutoencoderKL config (its config.json keys, `_class_name` included) for one of our configs."
+    L = len(config.block_out_channels)
+    return {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * L,
+            "up_block_types": ["UpDecoderBlock2D"] * L, **{f.name: getattr(config, f.name) for f in fields(config)},
+            "block_out_channels": list(config.block_out_channels)}
+
+def vae_renames_to_diffusers(num_levels: int) -> list:
+    "(regex, replacement) rules taking the original (LDM) names of a VAE with `num_levels` levels to diffusers' names."
+    return [
+        (r"\.attn_1\.proj_out\.", ".attn_1.to_out.0."), (r"\.attn_1\.([qkv])\.", r".attn_1.to_\1."), (r"\.attn_1\.norm\.", ".attn_1.group_norm."),
+        (r"\.norm_out\.", ".conv_norm_out."), (r"\.nin_shortcut\.", ".conv_shortcut."),
+        (r"\.upsample\.", ".upsamplers.0."), (r"\.downsample\.", ".downsamplers.0."), (r"\.block\.(\d+)\.", r".resnets.\1."),
+        (r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m[1])}."),
+        (r"^encoder\.down\.(\d+)\.", r"encoder.down_blocks.\1."),
+        (r"\.mid\.attn_1\.", ".mid_block.attentions.0."), (r"\.mid\.block_2\.", ".mid_block.resnets.1."), (r"\.mid\.block_1\.", ".mid_block.resnets.0."),
+    ]
+
+def vae_to_diffusers(state, num_levels: int) -> dict:
+    "A VAE state dict in our (LDM) names as diffusers' AutoencoderKL state dict: renamed, attention weights as (C, C) matrices."
+    out = rename_keys(dict(state), vae_renames_to_diffusers(num_levels))
+    return {k: v.flatten(1) if re.search(r"\.attentions\.0\.to_(q|k|v|out\.0)\.weight$", k) else v for k, v in out.items()}
+
+def save_vae(vae: AutoencoderKL, folder, dtype: torch.dtype | None = None, latent_format: LatentFormat | None = None) -> Path:
+    "Write `vae` as diffusers' vae/ folder (config.json, diffusion_pytorch_model.safetensors), in `dtype` if given; `latent_format` replaces the config's."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    state = vae_to_diffusers(vae.state_dict(), len(vae.config.block_out_channels))
+    save_file({k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    fmt = latent_format or vae.config.latent_format
+    config = replace(vae.config, scaling_factor=fmt.scale, shift_factor=fmt.shift)
+    (folder / "config.json").write_text(json.dumps(vae_diffusers_config(config), indent=2))
+    return folder
 
 # %% ../nbs/08_vae.ipynb #439f1017
 def check_latent_shape(fn, **kwargs) -> bool:

@@ -64,12 +64,6 @@ def test_missing_model(capsys, tmp_path):
     assert status == 1 and "sd-book: error: No model at" in err
 
 
-def test_no_model_given(capsys, monkeypatch):
-    monkeypatch.delenv("SD_BOOK_MODEL", raising=False)
-    status, out, err = run(capsys, "generate", "a cat")
-    assert status == 2 and "no model given" in err
-
-
 def test_gated_repository_without_token(capsys, monkeypatch):
     "The Hub's GatedRepoError, raised where sd_book.checkpoints.download calls huggingface_hub, reaches the user as chapter 5's explanation."
     import huggingface_hub
