@@ -235,13 +235,13 @@ class TinySD3Config:
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 2.5e-4
-    text_width: int = 32                 # each CLIP tower
+    text_width: int = 64                 # each CLIP tower
     text_layers: int = 2
     text_positions: int = 16             # tokens per prompt, BOS and EOS included
-    depth: int = 4
+    depth: int = 6
     width: int = 128
     patch_size: int = 4                  # 4 x 4 latent patches: 16 image tokens, one per cell of the world's grid
-    steps: int = 8000
+    steps: int = 4500
     batch_size: int = 128
     lr: float = 2e-3
     timestep_shift: float = 3.0          # training times shifted towards noise, as sampling's shift does
@@ -255,8 +255,10 @@ class TinySD3Config:
 
     @classmethod
     def quick(cls, **changes) -> "TinySD3Config":
-        "A run of about two minutes on two cores (a small world, the same networks, few steps): for tests and for trying things out."
-        return cls(**{**dict(scenes=2000, vae_steps=300, vae_batch=16, steps=800, batch_size=64, warmup=50, ema_decay=0.99), **changes})
+        "A run of about two minutes on two cores (a small world, smaller networks, few steps): for tests and for trying things out."
+        return cls(**{**dict(scenes=2000, vae_steps=300, vae_batch=16, text_width=32, depth=4, steps=800, batch_size=64, warmup=50, ema_decay=0.99),
+                      **changes})
+
 
 
     def vae_config(self) -> VAEConfig:
@@ -383,11 +385,13 @@ def model_card(config: TinySD3Config, log: dict, command: str, sizes: dict) -> s
     rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in final.items() if k not in ("step", "weights"))
     table = f"| task | score |\n|---|---|\n{rows}" if rows else "Not scored (the run was made with --eval-every 0)."
     settings = ", ".join(f"{k}={v!r}" for k, v in config.recommended.items())
+    threads = torch.get_num_threads()
     return f"""# {TINY_NAME}
 
 A tiny Stable Diffusion 3 trained from scratch by `sd_book` (chapter 13 of the book) on the synthetic world of chapter 12:
 64 x 64 pictures of red, yellow, green, blue, black and white circles, squares and triangles, captioned with GenEval's prompt templates.
-Same architecture and file layout as SD3 (diffusers' `StableDiffusion3Pipeline` loads this folder), without T5.
+Same architecture and file layout as SD3, without T5: diffusers loads this folder with
+`StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)`.
 
 ```python
 from sd_book.pipeline import SD3Pipeline
@@ -404,7 +408,7 @@ Recommended settings (`pipe.recommended`, used when left unset): {settings}.
 - sizes: {", ".join(f"{k} {v:,} parameters" for k, v in sizes.items())}
 - VAE: {config.vae_steps} steps of {config.vae_batch}; text towers and MMDiT together: {config.steps} steps of {config.batch_size}, lr {config.lr},
   caption dropout {config.caption_dropout} per encoder, EMA {config.ema_decay}; the EMA weights are saved, in fp16
-- time: {log["seconds"] / 60:.1f} minutes ({torch.get_num_threads()} threads, {"GPU" if torch.cuda.is_available() else "CPU"})
+- time: {log["seconds"] / 60:.1f} minutes ({threads} thread{"s" if threads > 1 else ""} per process, {"GPU" if torch.cuda.is_available() else "CPU"})
 - config: `{json.dumps(asdict(config))}`
 
 ## Scores
