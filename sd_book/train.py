@@ -140,6 +140,7 @@ def _load_checkpoint(path: Path, model, optimizer, schedule, ema, device) -> tup
     return state["step"], state["history"]
 
 # %% ../nbs/13_train.ipynb #8b377371
+@torch.enable_grad()                                     # also when called where gradients are off (inference code, torch.no_grad)
 def train(model: nn.Module, loss_fn, num_examples: int, config: TrainConfig, checkpoint=None, device=None, callback=None,
           progress: bool = True, desc: str = "training") -> dict:
     """Train `model` to minimise `loss_fn(model, indices, generator, part)`, where `indices` is the step's global batch, `generator` its random source
