@@ -40,6 +40,7 @@ from .world import geneval, make_scenes, render, summarize, uses_held_out
 @dataclass
 class WorldData:
     "Training pictures of chapter 12's world as bytes (N, 3, 64, 64), and each picture's captions."
+
     images: torch.Tensor
     captions: list
 
@@ -47,16 +48,21 @@ class WorldData:
         "The pictures at `indices` as floats in [-1, 1]."
         return self.images[indices].float() / 127.5 - 1
 
+
 def world_data(n: int, seed: int = 0, progress: bool = True) -> WorldData:
     "`n` scenes of `make_scenes(n, seed)`, rendered."
     scenes = make_scenes(n, seed)
-    images = [((pil_to_tensor(render(s.things)) + 1) * 127.5).round().to(torch.uint8) for s in tqdm(scenes, disable=not progress, desc="rendering")]
+    images = [
+        ((pil_to_tensor(render(s.things)) + 1) * 127.5).round().to(torch.uint8)
+        for s in tqdm(scenes, disable=not progress, desc="rendering")
+    ]
     return WorldData(torch.stack(images), [s.captions for s in scenes])
 
 # %% ../nbs/13_train.ipynb #6db0a79b
 def train_clip_merges(texts: list, max_merges: int = 10_000) -> list:
-    "CLIP-style merges [(a, b), ...] learned from `texts` by chapter 3's train_bpe over CLIP's 512 byte symbols, until every word is one token."
-    base = clip_vocab([])                                             # byte symbols 0-511, then BOS and EOS
+    """CLIP-style merges [(a, b), ...] learned from `texts` by chapter 3's train_bpe over CLIP's 512 byte symbols, until
+    every word is one token."""
+    base = clip_vocab([])  # byte symbols 0-511, then BOS and EOS
     words = [[base[s] for s in end_of_word(w)] for t in texts for w in clip_split(clip_normalize(t))]
     names = {i: s for s, i in base.items()}
     merges = []
@@ -65,41 +71,56 @@ def train_clip_merges(texts: list, max_merges: int = 10_000) -> list:
         merges.append((names[a], names[b]))
     return merges
 
+
 def train_clip_tokenizers(texts: list) -> tuple:
-    "(CLIP-L's, CLIP-G's) tokenizers, one vocabulary learned from `texts`; CLIP-G's pads with '!' as SD3's does, CLIP-L's with EOS."
+    """(CLIP-L's, CLIP-G's) tokenizers, one vocabulary learned from `texts`; CLIP-G's pads with '!' as SD3's does,
+    CLIP-L's with EOS."""
     merges = train_clip_merges(texts)
     vocab = clip_vocab(merges)
     return CLIPTokenizer(vocab, merges), CLIPTokenizer(vocab, merges, pad_token="!")
 
 # %% ../nbs/13_train.ipynb #8dc04cb2
 def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
-    "The learning-rate factor at `step`: linear from 1/warmup up to 1 over `warmup` steps, then half a cosine down to `floor` at `total`."
-    if step < warmup: return (step + 1) / warmup
+    """The learning-rate factor at `step`: linear from 1/warmup up to 1 over `warmup` steps, then half a cosine down to
+    `floor` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 # %% ../nbs/13_train.ipynb #d9168a4a
 class EMA:
-    "An exponential moving average of `model`'s weights (in its own copy, `.model`), decay min(`decay`, (1 + n) / (10 + n)) at update n."
+    """An exponential moving average of `model`'s weights (in its own copy, `.model`), decay min(`decay`, (1 + n) / (10
+    + n)) at update n."""
+
     def __init__(self, model: nn.Module, decay: float):
-        if not 0 < decay < 1: raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.model, self.decay, self.updates = copy.deepcopy(model).eval().requires_grad_(False), decay, 0
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         "Move the average towards `model`'s current weights (buffers are copied)."
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for avg, p in zip(self.model.parameters(), model.parameters()): avg.lerp_(p.detach(), 1 - d)
-        for avg, b in zip(self.model.buffers(), model.buffers()): avg.copy_(b)
+        for avg, p in zip(self.model.parameters(), model.parameters()):
+            avg.lerp_(p.detach(), 1 - d)
+        for avg, b in zip(self.model.buffers(), model.buffers()):
+            avg.copy_(b)
         self.updates += 1
 
-    def state_dict(self) -> dict: return {"model": self.model.state_dict(), "updates": self.updates}
-    def load_state_dict(self, state: dict) -> None: self.model.load_state_dict(state["model"]); self.updates = state["updates"]
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
 
 # %% ../nbs/13_train.ipynb #3f9beb72
 @dataclass
 class TrainConfig:
-    "How `train` trains a model: AdamW, warm-up and cosine decay to `floor` x lr, clipping, an optional EMA, the seed of its randomness."
+    """How `train` trains a model: AdamW, warm-up and cosine decay to `floor` x lr, clipping, an optional EMA, the seed
+    of its randomness."""
+
     steps: int
     batch_size: int
     lr: float
@@ -109,55 +130,88 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     ema_decay: float | None = None
     seed: int = 0
-    checkpoint_every: int = 0                        # steps between checkpoints; 0: only at the end
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
+
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     "The CPU generator that draws all the randomness of training step `step`."
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
+
 def distributed() -> tuple:
     "(rank, world size) of this process: (0, 1) unless torch.distributed is initialised."
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
+
 def _mean_over_processes(value: torch.Tensor, world: int) -> float:
-    "The mean of a scalar over the `world` processes (each computed it on its part of the batch): the whole batch's value."
-    if world > 1: dist.all_reduce(value)
+    """The mean of a scalar over the `world` processes (each computed it on its part of the batch): the whole batch's
+    value."""
+    if world > 1:
+        dist.all_reduce(value)
     return value.item() / world
 
 # %% ../nbs/13_train.ipynb #48c374d6
 def _save_checkpoint(path: Path, step: int, model, optimizer, schedule, ema, history) -> None:
-    "Write the training state to `path` through a temporary file, so a run killed while saving keeps its previous checkpoint."
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-             "ema": ema.state_dict() if ema else None, "history": history}
+    """Write the training state to `path` through a temporary file, so a run killed while saving keeps its previous
+    checkpoint."""
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "ema": ema.state_dict() if ema else None,
+        "history": history,
+    }
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
+
 
 def _load_checkpoint(path: Path, model, optimizer, schedule, ema, device) -> tuple:
     "Restore the training state saved by `_save_checkpoint`: (step, history)."
     state = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"]); optimizer.load_state_dict(state["optimizer"]); schedule.load_state_dict(state["schedule"])
-    if ema: ema.load_state_dict(state["ema"])
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    if ema:
+        ema.load_state_dict(state["ema"])
     return state["step"], state["history"]
 
 # %% ../nbs/13_train.ipynb #8b377371
-@torch.enable_grad()                                     # also when called where gradients are off (inference code, torch.no_grad)
-def train(model: nn.Module, loss_fn, num_examples: int, config: TrainConfig, checkpoint=None, device=None, callback=None,
-          progress: bool = True, desc: str = "training") -> dict:
-    """Train `model` to minimise `loss_fn(model, indices, generator, part)`, where `indices` is the step's global batch, `generator` its random source
-    and `part` the rows this process computes. Resumes from `checkpoint` (a path) when it exists; writes it every `checkpoint_every` steps and at the end.
-    `callback(step, model, ema)` runs after each step. Returns {'loss': [one float per step], 'ema': EMA or None}."""
+@torch.enable_grad()  # also when called where gradients are off (inference code, torch.no_grad)
+def train(
+    model: nn.Module,
+    loss_fn,
+    num_examples: int,
+    config: TrainConfig,
+    checkpoint=None,
+    device=None,
+    callback=None,
+    progress: bool = True,
+    desc: str = "training",
+) -> dict:
+    """Train `model` to minimise `loss_fn(model, indices, generator, part)`, where `indices` is the step's global
+    batch, `generator` its random source and `part` the rows this process computes. Resumes from `checkpoint` (a
+    path) when it exists; writes it every `checkpoint_every` steps and at the end. `callback(step, model, ema)` runs
+    after each step. Returns {'loss': [one float per step], 'ema': EMA or None}."""
     rank, world = distributed()
-    if config.batch_size % world: raise ValueError(f"batch_size {config.batch_size} does not split evenly over {world} processes")
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} does not split evenly over {world} processes")
     device = torch.device(device or "cpu")
     model.to(device).train()
     ema = EMA(model, config.ema_decay) if config.ema_decay else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, config.warmup, config.steps, config.floor))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, config.warmup, config.steps, config.floor)
+    )
     checkpoint, start, history = Path(checkpoint) if checkpoint else None, 0, {"loss": []}
-    if checkpoint and checkpoint.exists(): start, history = _load_checkpoint(checkpoint, model, optimizer, schedule, ema, device)
-    net = DistributedDataParallel(model) if world > 1 else model     # averages the gradients over the processes in backward()
+    if checkpoint and checkpoint.exists():
+        start, history = _load_checkpoint(checkpoint, model, optimizer, schedule, ema, device)
+    # averages the gradients over the processes in backward()
+    net = (DistributedDataParallel(model) if world > 1 else model)
     part = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress or rank != 0, desc=desc)
+    bar = tqdm(
+        range(start, config.steps), initial=start, total=config.steps, disable=not progress or rank != 0, desc=desc
+    )
     for step in bar:
         g = step_generator(config.seed, step)
         indices = torch.randint(0, num_examples, (config.batch_size,), generator=g)
@@ -165,20 +219,30 @@ def train(model: nn.Module, loss_fn, num_examples: int, config: TrainConfig, che
             loss = loss_fn(net, indices, g, part)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if config.grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step(); schedule.step()
-        if ema: ema.update(model)
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        if ema:
+            ema.update(model)
         history["loss"].append(_mean_over_processes(loss.detach(), world))
-        if step % 10 == 0: bar.set_postfix(loss=f"{sum(history['loss'][-50:]) / len(history['loss'][-50:]):.4f}")
-        if checkpoint and rank == 0 and (step + 1 == config.steps or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(history['loss'][-50:]) / len(history['loss'][-50:]):.4f}")
+        if (
+            checkpoint
+            and rank == 0
+            and (step + 1 == config.steps or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0))
+        ):
             _save_checkpoint(checkpoint, step + 1, model, optimizer, schedule, ema, history)
-        if callback: callback(step + 1, model, ema)
+        if callback:
+            callback(step + 1, model, ema)
     model.eval()
     return {**history, "ema": ema}
 
 # %% ../nbs/13_train.ipynb #9ab6577d
 class Reconstruct(nn.Module):
     "A VAE as one module for training: pictures (B, 3, H, W) and posterior noise -> (reconstruction, posterior)."
+
     def __init__(self, vae: AutoencoderKL):
         super().__init__()
         self.vae = vae
@@ -187,8 +251,11 @@ class Reconstruct(nn.Module):
         posterior = self.vae.encode(x)
         return self.vae.decode(reparameterize(posterior.mean, posterior.logvar, noise)), posterior
 
+
 def vae_loss_fn(data: WorldData, config: VAEConfig, kl_weight: float = 1e-3):
-    "The loss for `train` of a `Reconstruct` (of a VAE with `config`) on `data`: chapter 8's vae_loss, the posterior noise drawn for the global batch."
+    """The loss for `train` of a `Reconstruct` (of a VAE with `config`) on `data`: chapter 8's vae_loss, the posterior
+    noise drawn for the global batch."""
+
     def loss(model, indices, g, part):
         x = data.pictures(indices)
         noise = randn(latent_shape(*x.shape[-2:], config, len(indices)), generator=g)
@@ -196,6 +263,7 @@ def vae_loss_fn(data: WorldData, config: VAEConfig, kl_weight: float = 1e-3):
         x, noise = x[part].to(device), noise[part].to(device)
         reconstruction, posterior = model(x, noise)
         return vae_loss(x, reconstruction, posterior, kl_weight)[0]
+
     return loss
 
 # %% ../nbs/13_train.ipynb #18215456
@@ -205,21 +273,27 @@ def encode_latents(vae: AutoencoderKL, data: WorldData, batch_size: int = 500, p
     means, stds = [], []
     for start in tqdm(range(0, len(data.images), batch_size), disable=not progress, desc="encoding"):
         posterior = vae.encode(data.pictures(slice(start, start + batch_size)).to(vae.device, vae.dtype))
-        means.append(posterior.mean.float().cpu()); stds.append(posterior.std.float().cpu())
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
 
 # %% ../nbs/13_train.ipynb #7c42d66c
 class TextToImage(nn.Module):
-    "The trainable parts of SD3 in one module: the CLIP-L and CLIP-G text towers and the MMDiT, conditioned as SD3Pipeline does without T5."
+    """The trainable parts of SD3 in one module: the CLIP-L and CLIP-G text towers and the MMDiT, conditioned as
+    SD3Pipeline does without T5."""
+
     def __init__(self, clip_l: CLIPTextEncoder, clip_g: CLIPTextEncoder, mmdit: MMDiT):
         super().__init__()
         self.clip_l, self.clip_g, self.mmdit = clip_l, clip_g, mmdit
 
     def conditioning(self, ids_l: torch.Tensor, ids_g: torch.Tensor) -> tuple:
-        "(context (B, L, D), pooled (B, P)) for CLIP-L's and CLIP-G's token ids (B, L), as SD3Pipeline.encode_prompt builds them, with no T5 rows."
+        """(context (B, L, D), pooled (B, P)) for CLIP-L's and CLIP-G's token ids (B, L), as SD3Pipeline.encode_prompt
+        builds them, with no T5 rows."""
         l, g = self.clip_l(ids_l), self.clip_g(ids_g)
         no_t5 = l.penultimate_hidden_state.new_zeros(len(ids_l), 0, self.mmdit.config.context_dim)
-        return join_text_states(l.penultimate_hidden_state, g.penultimate_hidden_state, no_t5), torch.cat([l.pooled, g.pooled], dim=-1)
+        return join_text_states(l.penultimate_hidden_state, g.penultimate_hidden_state, no_t5), torch.cat(
+            [l.pooled, g.pooled], dim=-1
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, ids_l: torch.Tensor, ids_g: torch.Tensor) -> torch.Tensor:
         "The velocity at latents x (B, C, h, w) and timesteps t (B,) in [0, 1000] for the prompts' token ids."
@@ -228,84 +302,140 @@ class TextToImage(nn.Module):
 # %% ../nbs/13_train.ipynb #e15bc2af
 @dataclass
 class TinySD3Config:
-    "Everything that makes the tiny SD3: the world, the sizes of its networks, how each is trained, and its recommended sampling settings."
+    """Everything that makes the tiny SD3: the world, the sizes of its networks, how each is trained, and its
+    recommended sampling settings."""
+
     seed: int = 0
-    scenes: int = 40_000                 # pictures of chapter 12's world
-    vae_channels: tuple = (8, 16, 32)    # three levels: 64 x 64 pictures -> 16 x 16 latents
+    scenes: int = 40_000  # pictures of chapter 12's world
+    vae_channels: tuple = (8, 16, 32)  # three levels: 64 x 64 pictures -> 16 x 16 latents
     vae_steps: int = 1000
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 2.5e-4
-    text_width: int = 64                 # each CLIP tower
+    text_width: int = 64  # each CLIP tower
     text_layers: int = 2
-    text_positions: int = 16             # tokens per prompt, BOS and EOS included
+    text_positions: int = 16  # tokens per prompt, BOS and EOS included
     depth: int = 6
     width: int = 128
-    patch_size: int = 4                  # 4 x 4 latent patches: 16 image tokens, one per cell of the world's grid
+    patch_size: int = 4  # 4 x 4 latent patches: 16 image tokens, one per cell of the world's grid
     steps: int = 4500
     batch_size: int = 128
     lr: float = 2e-3
-    timestep_shift: float = 3.0          # training times shifted towards noise, as sampling's shift does
+    timestep_shift: float = 3.0  # training times shifted towards noise, as sampling's shift does
     warmup: int = 200
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    caption_dropout: float = 0.2         # for each text encoder, independently
-    recommended: dict = field(default_factory=lambda: dict(height=64, width=64, num_inference_steps=20, guidance_scale=3.0, shift=3.0,
-                                                           sampler="euler", max_sequence_length=0))
+    caption_dropout: float = 0.2  # for each text encoder, independently
+    recommended: dict = field(
+        default_factory=lambda: dict(
+            height=64,
+            width=64,
+            num_inference_steps=20,
+            guidance_scale=3.0,
+            shift=3.0,
+            sampler="euler",
+            max_sequence_length=0,
+        )
+    )
 
     @classmethod
     def quick(cls, **changes) -> "TinySD3Config":
-        "A run of about two minutes on two cores (a small world, smaller networks, few steps): for tests and for trying things out."
-        return cls(**{**dict(scenes=2000, vae_steps=300, vae_batch=16, text_width=32, depth=4, steps=800, batch_size=64, warmup=50, ema_decay=0.99),
-                      **changes})
-
-
+        """A run of about two minutes on two cores (a small world, smaller networks, few steps): for tests and for
+        trying things out."""
+        return cls(
+            **{
+                **dict(
+                    scenes=2000,
+                    vae_steps=300,
+                    vae_batch=16,
+                    text_width=32,
+                    depth=4,
+                    steps=800,
+                    batch_size=64,
+                    warmup=50,
+                    ema_decay=0.99,
+                ),
+                **changes,
+            }
+        )
 
     def vae_config(self) -> VAEConfig:
         "Chapter 8's tiny VAE with these channels (scale and shift are measured after training)."
         return VAEConfig.tiny(block_out_channels=tuple(self.vae_channels))
 
     def clip_config(self, tokenizer: CLIPTokenizer, hidden_act: str) -> CLIPConfig:
-        "A text tower for `tokenizer`'s vocabulary: 32-wide heads, `hidden_act` quick_gelu (the CLIP-L slot) or gelu (CLIP-G)."
+        """A text tower for `tokenizer`'s vocabulary: 32-wide heads, `hidden_act` quick_gelu (the CLIP-L slot) or gelu
+        (CLIP-G)."""
         w = self.text_width
-        return CLIPConfig(vocab_size=tokenizer.vocab_size, hidden_size=w, intermediate_size=2 * w, num_hidden_layers=self.text_layers,
-                          num_attention_heads=max(1, w // 32), max_position_embeddings=self.text_positions, projection_dim=w, hidden_act=hidden_act,
-                          eos_token_id=tokenizer.eos_id)
+        return CLIPConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=w,
+            intermediate_size=2 * w,
+            num_hidden_layers=self.text_layers,
+            num_attention_heads=max(1, w // 32),
+            max_position_embeddings=self.text_positions,
+            projection_dim=w,
+            hidden_act=hidden_act,
+            eos_token_id=tokenizer.eos_id,
+        )
 
     def mmdit_config(self) -> MMDiTConfig:
-        "The MMDiT: 64-wide heads and QK-norm (SD3.5's), the latents of 64 x 64 pictures, the two towers' widths side by side as context and pooled widths."
+        """The MMDiT: 64-wide heads and QK-norm (SD3.5's), the latents of 64 x 64 pictures, the two towers' widths side
+        by side as context and pooled widths."""
         vae = self.vae_config()
         latent = 64 // vae.downsample_factor
-        return MMDiTConfig(depth=self.depth, hidden_size=self.width, num_heads=max(1, self.width // 64), patch_size=self.patch_size,
-                           in_channels=vae.latent_channels, out_channels=vae.latent_channels, pos_embed_max_size=2 * latent // self.patch_size,
-                           sample_size=latent, context_dim=2 * self.text_width, pooled_dim=2 * self.text_width, qk_norm="rms")
+        return MMDiTConfig(
+            depth=self.depth,
+            hidden_size=self.width,
+            num_heads=max(1, self.width // 64),
+            patch_size=self.patch_size,
+            in_channels=vae.latent_channels,
+            out_channels=vae.latent_channels,
+            pos_embed_max_size=2 * latent // self.patch_size,
+            sample_size=latent,
+            context_dim=2 * self.text_width,
+            pooled_dim=2 * self.text_width,
+            qk_norm="rms",
+        )
 
 # %% ../nbs/13_train.ipynb #72ba20cd
 @dataclass
 class CaptionIds:
-    "Every caption of every picture, tokenized for both encoders (ids_l, ids_g: (total, L)), with each picture's first caption and caption count."
+    """Every caption of every picture, tokenized for both encoders (ids_l, ids_g: (total, L)), with each picture's first
+    caption and caption count."""
+
     ids_l: torch.Tensor
     ids_g: torch.Tensor
     start: torch.Tensor
     count: torch.Tensor
 
     @classmethod
-    def of(cls, captions: list, tokenizer_l: CLIPTokenizer, tokenizer_g: CLIPTokenizer, max_length: int) -> "CaptionIds":
+    def of(
+        cls, captions: list, tokenizer_l: CLIPTokenizer, tokenizer_g: CLIPTokenizer, max_length: int
+    ) -> "CaptionIds":
         "Tokenize `captions` (a list of caption lists, one per picture)."
         flat, count = [c for caps in captions for c in caps], torch.tensor([len(caps) for caps in captions])
-        return cls(tokenizer_l(flat, max_length=max_length), tokenizer_g(flat, max_length=max_length), torch.cumsum(count, 0) - count, count)
+        return cls(
+            tokenizer_l(flat, max_length=max_length),
+            tokenizer_g(flat, max_length=max_length),
+            torch.cumsum(count, 0) - count,
+            count,
+        )
 
     def pick(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         "A random caption of each picture in `indices`: rows of ids_l / ids_g."
         return self.start[indices] + (torch.rand(len(indices), generator=generator) * self.count[indices]).long()
 
 # %% ../nbs/13_train.ipynb #99e20965
-def sd3_loss_fn(latents: tuple, latent_format: LatentFormat, captions: CaptionIds, empty: tuple, dropout: float, shift: float = 1.0):
-    """The loss for `train` of a `TextToImage`: SD3's flow matching with a posterior sample of each picture's latents (normalised), a random caption,
-    each encoder's caption dropped for the `empty` one with probability `dropout` independently, and logit-normal times shifted by `shift`;
-    all drawn for the global batch."""
+def sd3_loss_fn(
+    latents: tuple, latent_format: LatentFormat, captions: CaptionIds, empty: tuple, dropout: float, shift: float = 1.0
+):
+    """The loss for `train` of a `TextToImage`: SD3's flow matching with a posterior sample of each picture's latents
+    (normalised), a random caption, each encoder's caption dropped for the `empty` one with probability `dropout`
+    independently, and logit-normal times shifted by `shift`; all drawn for the global batch."""
     mean, std = latents
+
     def loss(model, indices, g, part):
         B = len(indices)
         x0 = latent_format.normalize(mean[indices] + std[indices] * randn(mean[indices].shape, generator=g))
@@ -318,70 +448,141 @@ def sd3_loss_fn(latents: tuple, latent_format: LatentFormat, captions: CaptionId
         x0, noise, t, ids_l, ids_g = (v[part].to(device) for v in (x0, noise, t, ids_l, ids_g))
         v = model(flow_interpolate(x0, noise, t), t * 1000, ids_l, ids_g)
         return F.mse_loss(v.float(), noise - x0)
+
     return loss
 
 # %% ../nbs/13_train.ipynb #d6ceb7e5
 TINY_NAME = "tiny-sd3"
 
+
 def assemble(model: TextToImage, vae: AutoencoderKL, tokenizers: tuple, config: TinySD3Config) -> SD3Pipeline:
-    "An SD3Pipeline from trained parts: named tiny-sd3, the config's recommended settings, their shift as the scheduler's, the VAE's latent format."
-    return SD3Pipeline(model.mmdit, vae, model.clip_l, model.clip_g, *tokenizers, shift=config.recommended["shift"],
-                       latent_format=vae.config.latent_format, name=TINY_NAME, recommended=config.recommended).to(vae.device)
+    """An SD3Pipeline from trained parts: named tiny-sd3, the config's recommended settings, their shift as the
+    scheduler's, the VAE's latent format."""
+    return SD3Pipeline(
+        model.mmdit,
+        vae,
+        model.clip_l,
+        model.clip_g,
+        *tokenizers,
+        shift=config.recommended["shift"],
+        latent_format=vae.config.latent_format,
+        name=TINY_NAME,
+        recommended=config.recommended,
+    ).to(vae.device)
 
 # %% ../nbs/13_train.ipynb #350c96e5
 def scores(pipe: SD3Pipeline, images_per_prompt: int = 4, seed: int = 0, **settings) -> dict:
-    "GenEval on the world with `pipe`'s recommended settings (updated by `settings`): six task scores and 'overall' without held-out pairs; 'held_out'."
-    results = geneval(pipe, images_per_prompt=images_per_prompt, seed=seed, progress=False, **{**pipe.recommended, **settings})
+    """GenEval on the world with `pipe`'s recommended settings (updated by `settings`): six task scores and 'overall'
+    without held-out pairs; 'held_out'."""
+    results = geneval(
+        pipe, images_per_prompt=images_per_prompt, seed=seed, progress=False, **{**pipe.recommended, **settings}
+    )
     held = [ok for m, ok in results if uses_held_out(m)]
     return {**summarize([(m, ok) for m, ok in results if not uses_held_out(m)]), "held_out": sum(held) / len(held)}
 
 # %% ../nbs/13_train.ipynb #8df26e5c
-def train_tiny_sd3(config: TinySD3Config, out, device=None, eval_every: int = 0, progress: bool = True, log=print) -> SD3Pipeline:
-    """Train the tiny SD3 of `config` from scratch and save it into `out` (diffusers layout, fp16): world, tokenizer, VAE, latents, then text towers
-    and MMDiT together; the EMA weights are saved. Checkpoints in out/training/ make an interrupted run resume; GenEval every `eval_every` steps."""
+def train_tiny_sd3(
+    config: TinySD3Config, out, device=None, eval_every: int = 0, progress: bool = True, log=print
+) -> SD3Pipeline:
+    """Train the tiny SD3 of `config` from scratch and save it into `out` (diffusers layout, fp16): world, tokenizer,
+    VAE, latents, then text towers and MMDiT together; the EMA weights are saved. Checkpoints in out/training/ make
+    an interrupted run resume; GenEval every `eval_every` steps."""
     out, started, (rank, _) = Path(out), time.time(), distributed()
     work = out / "training"
     work.mkdir(parents=True, exist_ok=True)
     data = world_data(config.scenes, config.seed, progress and rank == 0)
     tokenizers = train_clip_tokenizers([c for caps in data.captions for c in caps])
-    log(f"world: {len(data.images):,} pictures, {sum(map(len, data.captions)):,} captions; tokenizer: {tokenizers[0].vocab_size} tokens")
+    log(
+        f"world: {len(data.images):,} pictures, {sum(map(len, data.captions)):,} captions; tokenizer: {tokenizers[0].vocab_size} tokens"
+    )
     torch.manual_seed(config.seed)
     vae = AutoencoderKL(config.vae_config())
-    vae_run = TrainConfig(steps=config.vae_steps, batch_size=config.vae_batch, lr=config.vae_lr, warmup=100, seed=config.seed + 1)
-    vae_fit = train(Reconstruct(vae), vae_loss_fn(data, vae.config, config.vae_kl_weight), len(data.images), vae_run, work / "vae.pt", device,
-                    progress=progress, desc="VAE")
+    vae_run = TrainConfig(
+        steps=config.vae_steps, batch_size=config.vae_batch, lr=config.vae_lr, warmup=100, seed=config.seed + 1
+    )
+    vae_fit = train(
+        Reconstruct(vae),
+        vae_loss_fn(data, vae.config, config.vae_kl_weight),
+        len(data.images),
+        vae_run,
+        work / "vae.pt",
+        device,
+        progress=progress,
+        desc="VAE",
+    )
     latents = encode_latents(vae, data, progress=progress and rank == 0)
-    fmt = LatentFormat.from_latents(latents[0][:4096] + latents[1][:4096] * randn(latents[0][:4096].shape, seed=config.seed))   # as training samples them
+    # as training samples them
+    fmt = LatentFormat.from_latents(
+        latents[0][:4096] + latents[1][:4096] * randn(latents[0][:4096].shape, seed=config.seed)
+    )
     vae.config = replace(vae.config, scaling_factor=fmt.scale, shift_factor=fmt.shift)
-    log(f"VAE: {num_params(vae):,} parameters, loss {sum(vae_fit['loss'][-50:]) / 50:.1f} per picture; latent scale {fmt.scale:.4f}, shift {fmt.shift:.4f}")
+    log(
+        f"VAE: {num_params(vae):,} parameters, loss {sum(vae_fit['loss'][-50:]) / 50:.1f} per picture; latent scale {fmt.scale:.4f}, shift {fmt.shift:.4f}"
+    )
     torch.manual_seed(config.seed)
-    model = TextToImage(CLIPTextEncoder(config.clip_config(tokenizers[0], "quick_gelu")), CLIPTextEncoder(config.clip_config(tokenizers[1], "gelu")),
-                        MMDiT(config.mmdit_config()))
+    model = TextToImage(
+        CLIPTextEncoder(config.clip_config(tokenizers[0], "quick_gelu")),
+        CLIPTextEncoder(config.clip_config(tokenizers[1], "gelu")),
+        MMDiT(config.mmdit_config()),
+    )
     L = config.text_positions
-    loss = sd3_loss_fn(latents, fmt, CaptionIds.of(data.captions, *tokenizers, L), tuple(t([""], max_length=L) for t in tokenizers), config.caption_dropout,
-                       config.timestep_shift)
+    loss = sd3_loss_fn(
+        latents,
+        fmt,
+        CaptionIds.of(data.captions, *tokenizers, L),
+        tuple(t([""], max_length=L) for t in tokenizers),
+        config.caption_dropout,
+        config.timestep_shift,
+    )
 
     evaluations = []
+
     def evaluate(step, model, ema):
-        if rank != 0 or not eval_every or (step % eval_every and step != config.steps): return
+        if rank != 0 or not eval_every or (step % eval_every and step != config.steps):
+            return
         for weights, which in ((ema.model, "ema"), (model, "raw")):
-            if which == "raw" and step != config.steps: continue             # the raw weights are scored at the end only
+            if which == "raw" and step != config.steps:
+                continue  # the raw weights are scored at the end only
             evaluations.append({"step": step, "weights": which, **scores(assemble(weights, vae, tokenizers, config))})
-            log(f"step {step}, {which} weights: GenEval " + ", ".join(f"{k} {v:.3f}" for k, v in evaluations[-1].items() if k not in ("step", "weights")))
-    run = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup=config.warmup, weight_decay=config.weight_decay,
-                      grad_clip=config.grad_clip, ema_decay=config.ema_decay, seed=config.seed + 2)
-    fit = train(model, loss, len(data.images), run, work / "sd3.pt", device, callback=evaluate, progress=progress, desc="SD3")
+            log(
+                f"step {step}, {which} weights: GenEval "
+                + ", ".join(f"{k} {v:.3f}" for k, v in evaluations[-1].items() if k not in ("step", "weights"))
+            )
+
+    run = TrainConfig(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        warmup=config.warmup,
+        weight_decay=config.weight_decay,
+        grad_clip=config.grad_clip,
+        ema_decay=config.ema_decay,
+        seed=config.seed + 2,
+    )
+    fit = train(
+        model, loss, len(data.images), run, work / "sd3.pt", device, callback=evaluate, progress=progress, desc="SD3"
+    )
     pipe = assemble(fit["ema"].model, vae, tokenizers, config)
     if rank == 0:
         pipe.save_pretrained(out, dtype=torch.float16)
         rounded = lambda losses: [float(f"{v:.5g}") for v in losses]
-        (out / "training_log.json").write_text(json.dumps({"config": asdict(config), "seconds": round(time.time() - started, 1),
-                                                           "vae_loss": rounded(vae_fit["loss"]), "loss": rounded(fit["loss"]), "geneval": evaluations}))
+        (out / "training_log.json").write_text(
+            json.dumps(
+                {
+                    "config": asdict(config),
+                    "seconds": round(time.time() - started, 1),
+                    "vae_loss": rounded(vae_fit["loss"]),
+                    "loss": rounded(fit["loss"]),
+                    "geneval": evaluations,
+                }
+            )
+        )
     return pipe
 
 # %% ../nbs/13_train.ipynb #4db13b86
 def model_card(config: TinySD3Config, log: dict, command: str, sizes: dict) -> str:
-    "The README.md of a trained tiny SD3: how to use it, how it was made (command, config, time, data) and its GenEval scores."
+    """The README.md of a trained tiny SD3: how to use it, how it was made (command, config, time, data) and its GenEval
+    scores."""
     final = next((e for e in reversed(log["geneval"]) if e["weights"] == "ema"), {})
     rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in final.items() if k not in ("step", "weights"))
     table = f"| task | score |\n|---|---|\n{rows}" if rows else "Not scored (the run was made with --eval-every 0)."
@@ -421,24 +622,55 @@ GenEval's six tasks over the world's vocabulary (every prompt, 4 pictures each, 
 """
 
 # %% ../nbs/13_train.ipynb #cbb6f56b
-CLI_OVERRIDES = ("seed", "scenes", "vae_steps", "depth", "width", "text_width", "steps", "batch_size", "lr")   # TinySD3Config fields `sd-book train` can set
+CLI_OVERRIDES = (
+    "seed",
+    "scenes",
+    "vae_steps",
+    "depth",
+    "width",
+    "text_width",
+    "steps",
+    "batch_size",
+    "lr",
+)  # TinySD3Config fields `sd-book train` can set
+
 
 def add_train_arguments(parser) -> None:
     "The options of `sd-book train`."
-    parser.add_argument("-o", "--out", type=Path, default=Path(TINY_NAME), help=f"folder for the model, its card and its checkpoints (default: ./{TINY_NAME})")
-    parser.add_argument("--quick", action="store_true", help="the small config of TinySD3Config.quick(): about two minutes on two cores")
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=Path(TINY_NAME),
+        help=f"folder for the model, its card and its checkpoints (default: ./{TINY_NAME})",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="the small config of TinySD3Config.quick(): about two minutes on two cores"
+    )
     for name in CLI_OVERRIDES:
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(TinySD3Config, name)), help=f"override the config's {name}")
-    parser.add_argument("--eval-every", type=int, default=1000, help="score with GenEval every N steps and at the end; 0: never (default: 1000)")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, one per process under torchrun)")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=type(getattr(TinySD3Config, name)), help=f"override the config's {name}"
+        )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=1000,
+        help="score with GenEval every N steps and at the end; 0: never (default: 1000)",
+    )
+    parser.add_argument(
+        "--device", help="cpu, cuda or cuda:N (default: cuda when present, one per process under torchrun)"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
+
 
 def _join_process_group(device):
     "Under torchrun (WORLD_SIZE > 1): join its process group, nccl on GPUs, gloo on CPUs; the device for this process."
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return device
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
     cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     dist.init_process_group("nccl" if cuda else "gloo")
     return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else (device or "cpu")
+
 
 def train_command(args) -> int:
     "`sd-book train`: train (or resume) a tiny SD3 into --out and write its model card; the exit status."
@@ -448,27 +680,37 @@ def train_command(args) -> int:
     device = _join_process_group(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     try:
-        pipe = train_tiny_sd3(config, args.out, device=device, eval_every=args.eval_every, progress=not args.quiet, log=say)
+        pipe = train_tiny_sd3(
+            config, args.out, device=device, eval_every=args.eval_every, progress=not args.quiet, log=say
+        )
         if distributed()[0] == 0:
             log = json.loads((args.out / "training_log.json").read_text())
             sizes = {name: num_params(m) for name, m in pipe.modules.items()}
-            (args.out / "README.md").write_text(model_card(config, log, "sd-book train " + " ".join(sys.argv[2:]), sizes))
+            (args.out / "README.md").write_text(
+                model_card(config, log, "sd-book train " + " ".join(sys.argv[2:]), sizes)
+            )
             print(args.out)
     finally:
-        if dist.is_initialized(): dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 # %% ../nbs/13_train.ipynb #c3887d30
 def mode_timesteps(n: int, s: float, generator: torch.Generator) -> torch.Tensor:
-    "SD3's 'mode' sampling of training times: t = 1 - u - s (cos^2(pi u / 2) - 1 + u), u uniform on [0, 1) (one draw from `generator`)."
+    """SD3's 'mode' sampling of training times: t = 1 - u - s (cos^2(pi u / 2) - 1 + u), u uniform on [0, 1) (one draw
+    from `generator`)."""
     u = torch.rand(n, generator=generator)
     return 1 - u - s * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
 
-def accumulated_loss(loss_fn, model: nn.Module, indices: torch.Tensor, generator: torch.Generator, micro_batches: int) -> float:
-    "Backward through `loss_fn` on `micro_batches` equal slices of the batch, each scaled by 1 / micro_batches; the whole batch's loss."
+
+def accumulated_loss(
+    loss_fn, model: nn.Module, indices: torch.Tensor, generator: torch.Generator, micro_batches: int
+) -> float:
+    """Backward through `loss_fn` on `micro_batches` equal slices of the batch, each scaled by 1 / micro_batches; the
+    whole batch's loss."""
     size, total = len(indices) // micro_batches, 0.0
     for k in range(micro_batches):
-        g = torch.Generator().set_state(generator.get_state())   # every slice sees the same draws for the whole batch
+        g = torch.Generator().set_state(generator.get_state())  # every slice sees the same draws for the whole batch
         loss = loss_fn(model, indices, g, slice(k * size, (k + 1) * size)) / micro_batches
         loss.backward()
         total += loss.item()
@@ -477,9 +719,14 @@ def accumulated_loss(loss_fn, model: nn.Module, indices: torch.Tensor, generator
 # %% ../nbs/13_train.ipynb #ee458579
 def check_mode_timesteps(fn, **kwargs) -> bool:
     "Check an implementation of `mode_timesteps(n, s, generator)` on hidden cases."
-    cases = [Case("s = 0: uniform times", (5, 0.0, torch.Generator().manual_seed(0))), Case("s = 0.81", (1000, 0.81, torch.Generator().manual_seed(1))),
-             Case("a negative s", (7, -0.5, torch.Generator().manual_seed(2))), Case("one time", (1, 1.29, torch.Generator().manual_seed(3)))]
+    cases = [
+        Case("s = 0: uniform times", (5, 0.0, torch.Generator().manual_seed(0))),
+        Case("s = 0.81", (1000, 0.81, torch.Generator().manual_seed(1))),
+        Case("a negative s", (7, -0.5, torch.Generator().manual_seed(2))),
+        Case("one time", (1, 1.29, torch.Generator().manual_seed(3))),
+    ]
     return run_checks(fn, mode_timesteps, cases, name="mode_timesteps", **kwargs)
+
 
 def _gradients_after(accumulate, loss_fn, batch, micro_batches):
     "(the returned loss, the gradients) after `accumulate` runs on a fresh copy of a small fixed model."
@@ -488,13 +735,26 @@ def _gradients_after(accumulate, loss_fn, batch, micro_batches):
     loss = accumulate(loss_fn, model, batch, step_generator(0, 0), micro_batches)
     return float(loss), [p.grad.clone() for p in model.parameters()]
 
+
 def check_accumulated_loss(fn, **kwargs) -> bool:
     "Check an implementation of `accumulated_loss(loss_fn, model, indices, generator, micro_batches)` on hidden cases."
     xs, ys = randn((64, 3), seed=0), randn((64, 1), seed=1)
-    def noisy_loss(model, indices, g, part):                     # draws for the whole batch, like sd3_loss_fn
+
+    def noisy_loss(model, indices, g, part):  # draws for the whole batch, like sd3_loss_fn
         noise = randn((len(indices), 3), generator=g) * 0.1
         return F.mse_loss(model(xs[indices][part] + noise[part]), ys[indices][part])
+
     batch = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(5))
-    cases = [Case("one micro-batch", (noisy_loss, batch, 1)), Case("two micro-batches", (noisy_loss, batch, 2)),
-             Case("four micro-batches", (noisy_loss, batch, 4)), Case("one example each", (noisy_loss, batch, 12))]
-    return run_checks(lambda *a: _gradients_after(fn, *a), lambda *a: _gradients_after(accumulated_loss, *a), cases, name="accumulated_loss", **kwargs)
+    cases = [
+        Case("one micro-batch", (noisy_loss, batch, 1)),
+        Case("two micro-batches", (noisy_loss, batch, 2)),
+        Case("four micro-batches", (noisy_loss, batch, 4)),
+        Case("one example each", (noisy_loss, batch, 12)),
+    ]
+    return run_checks(
+        lambda *a: _gradients_after(fn, *a),
+        lambda *a: _gradients_after(accumulated_loss, *a),
+        cases,
+        name="accumulated_loss",
+        **kwargs,
+    )

@@ -20,21 +20,29 @@ from PIL import Image, ImageDraw
 from .core import pil_to_tensor, tensor_to_pil
 
 # %% ../nbs/12_world.ipynb #8463242e
-SIZE = 64                                          # pictures are SIZE x SIZE pixels
+SIZE = 64  # pictures are SIZE x SIZE pixels
 BACKGROUND = (128, 128, 128)
-COLORS = {"red": (220, 30, 30), "yellow": (240, 220, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
-          "black": (20, 20, 20), "white": (240, 240, 240)}
+COLORS = {
+    "red": (220, 30, 30),
+    "yellow": (240, 220, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "black": (20, 20, 20),
+    "white": (240, 240, 240),
+}
 SHAPES = ("circle", "square", "triangle")
-RADII = (5, 7)                                     # two object sizes: 10 and 14 pixels across
-CELL = 16                                          # objects sit at the centres of a grid of CELL x CELL-pixel cells
+RADII = (5, 7)  # two object sizes: 10 and 14 pixels across
+CELL = 16  # objects sit at the centres of a grid of CELL x CELL-pixel cells
 
 # %% ../nbs/12_world.ipynb #1bbb6943
 POSITIONS = ("left of", "right of", "above", "below")
 NUMBERS = ("zero", "one", "two", "three", "four")
 
+
 def with_article(word: str) -> str:
     "GenEval's article rule: 'an' before a vowel, else 'a'."
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
 
 def plural(word: str) -> str:
     "GenEval's plural rule: 'es' after a final 's', else 's'."
@@ -44,6 +52,7 @@ def plural(word: str) -> str:
 @dataclass(frozen=True)
 class Thing:
     "One object of a scene: `shape` in SHAPES, `color` in COLORS, centre (x, y) in pixels (y down), radius r."
+
     shape: str
     color: str
     x: float
@@ -57,33 +66,46 @@ class Thing:
 
 # %% ../nbs/12_world.ipynb #9b6dff28
 def render(things: list, size: int = SIZE, supersample: int = 4) -> Image.Image:
-    "The RGB picture of `things` on the background, drawn `supersample` times larger and box-filtered down (anti-aliased)."
+    """The RGB picture of `things` on the background, drawn `supersample` times larger and box-filtered down (anti-
+    aliased)."""
     for t in things:
-        if t.shape not in SHAPES or t.color not in COLORS: raise ValueError(f"Unknown shape or colour in {t}: expected {SHAPES} and {tuple(COLORS)}")
+        if t.shape not in SHAPES or t.color not in COLORS:
+            raise ValueError(f"Unknown shape or colour in {t}: expected {SHAPES} and {tuple(COLORS)}")
     s = supersample
     canvas = Image.new("RGB", (size * s, size * s), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for t in things:
         x0, y0, x1, y1 = (v * s for v in t.box)
         fill = COLORS[t.color]
-        if t.shape == "circle": draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        elif t.shape == "square": draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        else: draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)     # PIL includes the last row and column
+        if t.shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        elif t.shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        else:
+            # PIL includes the last row and column
+            draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
     return canvas.resize((size, size), Image.BOX)
 
 # %% ../nbs/12_world.ipynb #91721c54
-POSITION_THRESHOLD = 0.1                           # GenEval's default
+POSITION_THRESHOLD = 0.1  # GenEval's default
+
 
 def relative_position(box_a: tuple, box_b: tuple, threshold: float = POSITION_THRESHOLD) -> set:
-    "GenEval's relations of box A to box B ((x0, y0, x1, y1), y down): a subset of {'left of', 'right of', 'above', 'below'}."
+    """GenEval's relations of box A to box B ((x0, y0, x1, y1), y down): a subset of {'left of', 'right of', 'above',
+    'below'}."""
     centre = lambda b: ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)
     (ax, ay), (bx, by) = centre(box_a), centre(box_b)
     offset = (ax - bx, ay - by)
     sizes = (abs(box_a[2] - box_a[0]) + abs(box_b[2] - box_b[0]), abs(box_a[3] - box_a[1]) + abs(box_b[3] - box_b[1]))
     shrunk = [math.copysign(max(abs(o) - threshold * d, 0.0), o) for o, d in zip(offset, sizes)]
-    if all(abs(s) < 1e-3 for s in shrunk): return set()
+    if all(abs(s) < 1e-3 for s in shrunk):
+        return set()
     dx, dy = (s / math.hypot(*offset) for s in shrunk)
-    return {name for name, holds in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5)) if holds}
+    return {
+        name
+        for name, holds in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5))
+        if holds
+    }
 
 # %% ../nbs/12_world.ipynb #24091e41
 def cell_centres(size: int = SIZE, cell: int = CELL) -> list:
@@ -91,36 +113,78 @@ def cell_centres(size: int = SIZE, cell: int = CELL) -> list:
     n = size // cell
     return [(col * cell + cell / 2, row * cell + cell / 2) for row in range(n) for col in range(n)]
 
+
 def place(rng: random.Random, specs: list, relation: str | None = None, tries: int = 1000) -> list:
-    "Things for `specs` [(shape, color), ...] in distinct random cells of the grid; with `relation`, thing 0 is exactly `relation` thing 1."
+    """Things for `specs` [(shape, color), ...] in distinct random cells of the grid; with `relation`, thing 0 is
+    exactly `relation` thing 1."""
     centres = cell_centres()
-    if len(specs) > len(centres): raise ValueError(f"{len(specs)} objects do not fit in {len(centres)} cells")
+    if len(specs) > len(centres):
+        raise ValueError(f"{len(specs)} objects do not fit in {len(centres)} cells")
     for _ in range(tries):
         cells = rng.sample(centres, len(specs))
         things = [Thing(shape, color, x, y, rng.choice(RADII)) for (shape, color), (x, y) in zip(specs, cells)]
-        if relation is None or relative_position(things[0].box, things[1].box) == {relation}: return things
+        if relation is None or relative_position(things[0].box, things[1].box) == {relation}:
+            return things
     raise RuntimeError(f"Could not place {specs} with thing 0 {relation} thing 1 in {tries} tries")
 
 # %% ../nbs/12_world.ipynb #1a8a2ea9
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
+
 def geneval_prompts() -> list:
-    "Every prompt of GenEval's six tasks over the world's shapes and colours, as GenEval's metadata dicts (tag, include, exclude, prompt)."
+    """Every prompt of GenEval's six tasks over the world's shapes and colours, as GenEval's metadata dicts (tag,
+    include, exclude, prompt)."""
     a, colors, out = with_article, list(COLORS), []
     pairs = [(p, q) for p in SHAPES for q in SHAPES if p != q]
     out += [dict(tag="single_object", include=[{"class": s, "count": 1}], prompt=f"a photo of {a(s)}") for s in SHAPES]
-    out += [dict(tag="two_object", include=[{"class": p, "count": 1}, {"class": q, "count": 1}], prompt=f"a photo of {a(p)} and {a(q)}") for p, q in pairs]
-    out += [dict(tag="counting", include=[{"class": s, "count": n}], exclude=[{"class": s, "count": n + 1}], prompt=f"a photo of {NUMBERS[n]} {plural(s)}")
-            for s in SHAPES for n in (2, 3, 4)]
-    out += [dict(tag="colors", include=[{"class": s, "count": 1, "color": c}], prompt=f"a photo of {a(c)} {s}") for s in SHAPES for c in colors]
-    out += [dict(tag="position", include=[{"class": q, "count": 1}, {"class": p, "count": 1, "position": (rel, 0)}],
-                 prompt=f"a photo of {a(p)} {rel} {a(q)}") for p, q in pairs for rel in POSITIONS]
-    out += [dict(tag="color_attr", include=[{"class": p, "count": 1, "color": cp}, {"class": q, "count": 1, "color": cq}],
-                 prompt=f"a photo of {a(cp)} {p} and {a(cq)} {q}") for p, q in pairs for cp in colors for cq in colors if cp != cq]
+    out += [
+        dict(
+            tag="two_object",
+            include=[{"class": p, "count": 1}, {"class": q, "count": 1}],
+            prompt=f"a photo of {a(p)} and {a(q)}",
+        )
+        for p, q in pairs
+    ]
+    out += [
+        dict(
+            tag="counting",
+            include=[{"class": s, "count": n}],
+            exclude=[{"class": s, "count": n + 1}],
+            prompt=f"a photo of {NUMBERS[n]} {plural(s)}",
+        )
+        for s in SHAPES
+        for n in (2, 3, 4)
+    ]
+    out += [
+        dict(tag="colors", include=[{"class": s, "count": 1, "color": c}], prompt=f"a photo of {a(c)} {s}")
+        for s in SHAPES
+        for c in colors
+    ]
+    out += [
+        dict(
+            tag="position",
+            include=[{"class": q, "count": 1}, {"class": p, "count": 1, "position": (rel, 0)}],
+            prompt=f"a photo of {a(p)} {rel} {a(q)}",
+        )
+        for p, q in pairs
+        for rel in POSITIONS
+    ]
+    out += [
+        dict(
+            tag="color_attr",
+            include=[{"class": p, "count": 1, "color": cp}, {"class": q, "count": 1, "color": cq}],
+            prompt=f"a photo of {a(cp)} {p} and {a(cq)} {q}",
+        )
+        for p, q in pairs
+        for cp in colors
+        for cq in colors
+        if cp != cq
+    ]
     return out
 
 # %% ../nbs/12_world.ipynb #26600875
 HELD_OUT = (("blue", "triangle"), ("yellow", "circle"))
+
 
 def uses_held_out(metadata: dict, held_out: tuple = HELD_OUT) -> bool:
     "Whether a prompt's metadata asks for one of the `held_out` (colour, shape) pairs."
@@ -128,14 +192,22 @@ def uses_held_out(metadata: dict, held_out: tuple = HELD_OUT) -> bool:
 
 # %% ../nbs/12_world.ipynb #331912e8
 def scene_for(metadata: dict, rng: random.Random, held_out: tuple = HELD_OUT) -> list:
-    "Things that satisfy a GenEval prompt's `metadata` and nothing more; colours it leaves free are random, never a `held_out` pair."
-    def color(shape, asked=None): return asked or rng.choice([c for c in COLORS if (c, shape) not in held_out])
+    """Things that satisfy a GenEval prompt's `metadata` and nothing more; colours it leaves free are random, never a
+    `held_out` pair."""
+
+    def color(shape, asked=None):
+        return asked or rng.choice([c for c in COLORS if (c, shape) not in held_out])
+
     include = metadata["include"]
     if metadata["tag"] == "counting":
         return place(rng, [(include[0]["class"], color(include[0]["class"])) for _ in range(include[0]["count"])])
-    if metadata["tag"] == "position":                        # include = [target, mover with (relation, 0)]
+    if metadata["tag"] == "position":  # include = [target, mover with (relation, 0)]
         target, mover = include
-        return place(rng, [(mover["class"], color(mover["class"])), (target["class"], color(target["class"]))], relation=mover["position"][0])
+        return place(
+            rng,
+            [(mover["class"], color(mover["class"])), (target["class"], color(target["class"]))],
+            relation=mover["position"][0],
+        )
     return place(rng, [(req["class"], color(req["class"], req.get("color"))) for req in include])
 
 # %% ../nbs/12_world.ipynb #61f0c111
@@ -145,32 +217,52 @@ def captions(things: list) -> list:
     if len(things) == 1:
         t = things[0]
         return [f"a photo of {a(t.shape)}", f"a photo of {a(t.color)} {t.shape}"]
-    if len({t.shape for t in things}) == 1: return [f"a photo of {NUMBERS[len(things)]} {plural(things[0].shape)}"]
-    if len(things) != 2: raise ValueError(f"No caption template describes {len(things)} objects of several shapes")
+    if len({t.shape for t in things}) == 1:
+        return [f"a photo of {NUMBERS[len(things)]} {plural(things[0].shape)}"]
+    if len(things) != 2:
+        raise ValueError(f"No caption template describes {len(things)} objects of several shapes")
     out = []
     for p, q in (things, things[::-1]):
-        out += [f"a photo of {a(p.shape)} and {a(q.shape)}", f"a photo of {a(p.color)} {p.shape} and {a(q.color)} {q.shape}"]
+        out += [
+            f"a photo of {a(p.shape)} and {a(q.shape)}",
+            f"a photo of {a(p.color)} {p.shape} and {a(q.color)} {q.shape}",
+        ]
         if len(rel := relative_position(p.box, q.box)) == 1:
             (r,) = rel
-            out += [f"a photo of {a(p.shape)} {r} {a(q.shape)}", f"a photo of {a(p.color)} {p.shape} {r} {a(q.color)} {q.shape}"]
+            out += [
+                f"a photo of {a(p.shape)} {r} {a(q.shape)}",
+                f"a photo of {a(p.color)} {p.shape} {r} {a(q.color)} {q.shape}",
+            ]
     return out
 
 # %% ../nbs/12_world.ipynb #f23d3df4
-TRAIN_MIX = {"single_object": 0.1, "colors": 0.15, "two_object": 0.1, "color_attr": 0.2, "position": 0.2, "counting": 0.25}
+TRAIN_MIX = {
+    "single_object": 0.1,
+    "colors": 0.15,
+    "two_object": 0.1,
+    "color_attr": 0.2,
+    "position": 0.2,
+    "counting": 0.25,
+}
+
 
 @dataclass
 class Scene:
     "A training example: the things, their picture's prompt of origin (metadata) and every caption that describes them."
+
     things: list
     metadata: dict
     captions: list
 
+
 def random_scene(rng: random.Random, held_out: tuple = HELD_OUT, mix: dict = TRAIN_MIX) -> Scene:
-    "A scene for training: a task drawn with the weights of `mix`, one of its prompts without a `held_out` pair, a scene that satisfies it."
+    """A scene for training: a task drawn with the weights of `mix`, one of its prompts without a `held_out` pair, a
+    scene that satisfies it."""
     tag = rng.choices(list(mix), weights=list(mix.values()))[0]
     metadata = rng.choice([m for m in _PROMPTS[tag] if not uses_held_out(m, held_out)])
     things = scene_for(metadata, rng, held_out)
     return Scene(things, metadata, captions(things))
+
 
 _PROMPTS = {tag: [m for m in geneval_prompts() if m["tag"] == tag] for tag in TAGS}
 
@@ -181,32 +273,40 @@ def make_scenes(n: int, seed: int = 0, held_out: tuple = HELD_OUT) -> list:
     return [random_scene(rng, held_out) for _ in range(n)]
 
 # %% ../nbs/12_world.ipynb #4e6463f7
-FOREGROUND = 55                                    # RGB distance from the background above which a pixel belongs to an object
-MIN_AREA = 12                                      # smaller groups of pixels are noise, not objects
+FOREGROUND = 55  # RGB distance from the background above which a pixel belongs to an object
+MIN_AREA = 12  # smaller groups of pixels are noise, not objects
+
 
 def connected_components(mask: list) -> list:
-    "Groups of True cells of a 2D list `mask` connected through their 4 neighbours: a list of [(row, col), ...], in scan order."
+    """Groups of True cells of a 2D list `mask` connected through their 4 neighbours: a list of [(row, col), ...], in
+    scan order."""
     H, W = len(mask), len(mask[0]) if mask else 0
     seen, groups = [[False] * W for _ in range(H)], []
     for y in range(H):
         for x in range(W):
-            if not mask[y][x] or seen[y][x]: continue
+            if not mask[y][x] or seen[y][x]:
+                continue
             seen[y][x], stack, group = True, [(y, x)], []
             while stack:
                 cy, cx = stack.pop()
                 group.append((cy, cx))
                 for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
                     if 0 <= ny < H and 0 <= nx < W and mask[ny][nx] and not seen[ny][nx]:
-                        seen[ny][nx] = True; stack.append((ny, nx))
+                        seen[ny][nx] = True
+                        stack.append((ny, nx))
             groups.append(sorted(group))
     return groups
 
 # %% ../nbs/12_world.ipynb #5391cede
 def shape_features(mask: torch.Tensor) -> tuple:
-    "(taper, fill) of a boolean mask cropped to its bounding box: width a quarter of the way down over width a quarter of the way up, and covered fraction."
+    """(taper, fill) of a boolean mask cropped to its bounding box: width a quarter of the way down over width a quarter
+    of the way up, and covered fraction."""
     h = mask.shape[0]
     widths = mask.sum(1).float()
-    return (widths[h // 4] / widths[h - 1 - h // 4].clamp(min=1)).item(), mask.float().mean().item()   # rows mirror each other
+    return (
+        widths[h // 4] / widths[h - 1 - h // 4].clamp(min=1)
+    ).item(), mask.float().mean().item()  # rows mirror each other
+
 
 def classify_shape(taper: float, fill: float) -> str:
     "'triangle' for a taper below 0.7, else 'square' for a fill above 0.88, else 'circle'."
@@ -215,7 +315,9 @@ def classify_shape(taper: float, fill: float) -> str:
 # %% ../nbs/12_world.ipynb #7cc5e201
 @dataclass
 class Detection:
-    "An object found in a picture: its `shape` (GenEval's class), `color`, `box` (x0, y0, x1, y1), `area` in pixels, and the shape features."
+    """An object found in a picture: its `shape` (GenEval's class), `color`, `box` (x0, y0, x1, y1), `area` in pixels,
+    and the shape features."""
+
     shape: str
     color: str
     box: tuple
@@ -226,28 +328,35 @@ class Detection:
 # %% ../nbs/12_world.ipynb #d154b603
 _PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32)
 
+
 def _as_pixels(image) -> torch.Tensor:
     "An RGB PIL image, or a (3, H, W) tensor in [-1, 1], as an (H, W, 3) float tensor of values 0 to 255."
     if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] != 3: raise ValueError(f"Expected a picture tensor (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"Expected a picture tensor (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
         return ((image.float().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0)
-    if not isinstance(image, Image.Image): raise TypeError(f"Expected a PIL image or a (3, H, W) tensor, got {type(image).__name__}")
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"Expected a PIL image or a (3, H, W) tensor, got {type(image).__name__}")
     return (pil_to_tensor(image.convert("RGB")) + 1).mul(127.5).permute(1, 2, 0)
 
+
 def detect(image) -> list:
-    "The objects in a picture of the world (PIL image or (3, H, W) tensor in [-1, 1]): a list of Detection, largest first."
+    """The objects in a picture of the world (PIL image or (3, H, W) tensor in [-1, 1]): a list of Detection, largest
+    first."""
     pixels = _as_pixels(image)
     background = torch.tensor(BACKGROUND, dtype=torch.float32)
-    contrast = (pixels - background).norm(dim=-1)                                  # (H, W)
+    contrast = (pixels - background).norm(dim=-1)  # (H, W)
     found = []
     for group in connected_components((contrast > FOREGROUND).tolist()):
-        if len(group) < MIN_AREA: continue
+        if len(group) < MIN_AREA:
+            continue
         ys, xs = torch.tensor(group).T
         c = contrast[ys, xs]
-        vivid = c >= c.median()                                                    # the group's more saturated half
+        vivid = c >= c.median()  # the group's more saturated half
         k = int((_PALETTE - pixels[ys[vivid], xs[vivid]].median(0).values).norm(dim=-1).argmin())
-        own = c >= 0.5 * (_PALETTE[k] - background).norm()                         # covered at least half by that colour
-        if own.sum() < MIN_AREA: continue
+        own = c >= 0.5 * (_PALETTE[k] - background).norm()  # covered at least half by that colour
+        if own.sum() < MIN_AREA:
+            continue
         ys, xs = ys[own], xs[own]
         x0, y0, x1, y1 = xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1
         mask = torch.zeros(y1 - y0, x1 - x0, dtype=torch.bool)
@@ -258,7 +367,8 @@ def detect(image) -> list:
 
 # %% ../nbs/12_world.ipynb #0d1f69e0
 def draw_detections(image, detections: list | None = None, scale: int = 4) -> Image.Image:
-    "`image` enlarged `scale` times with each detection's box and 'colour shape' label drawn on it (detections found when not given)."
+    """`image` enlarged `scale` times with each detection's box and 'colour shape' label drawn on it (detections found
+    when not given)."""
     detections = detect(image) if detections is None else detections
     image = image if isinstance(image, Image.Image) else tensor_to_pil(image)
     big = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
@@ -271,9 +381,11 @@ def draw_detections(image, detections: list | None = None, scale: int = 4) -> Im
 
 # %% ../nbs/12_world.ipynb #8c095177
 def evaluate(image, metadata: dict, objects: list | None = None) -> tuple:
-    "GenEval's evaluate() on our detector: (correct, reason) for a picture and its prompt's `metadata` (include / exclude clauses)."
+    """GenEval's evaluate() on our detector: (correct, reason) for a picture and its prompt's `metadata` (include /
+    exclude clauses)."""
     by_class = {}
-    for d in detect(image) if objects is None else objects: by_class.setdefault(d.shape, []).append(d)
+    for d in detect(image) if objects is None else objects:
+        by_class.setdefault(d.shape, []).append(d)
     correct, reasons, matched_groups = True, [], []
     for req in metadata.get("include", []):
         cls, n = req["class"], req["count"]
@@ -284,8 +396,10 @@ def evaluate(image, metadata: dict, objects: list | None = None) -> tuple:
         else:
             if "color" in req and (got := [d.color for d in found]).count(req["color"]) < n:
                 correct = matched = False
-                reasons.append(f"expected {req['color']} {cls}>={n}, found {got.count(req['color'])} {req['color']}; and "
-                               + ", ".join(f"{got.count(c)} {c}" for c in COLORS if c in got))
+                reasons.append(
+                    f"expected {req['color']} {cls}>={n}, found {got.count(req['color'])} {req['color']}; and "
+                    + ", ".join(f"{got.count(c)} {c}" for c in COLORS if c in got)
+                )
             if "position" in req and matched:
                 relation, j = req["position"]
                 if matched_groups[j] is None:
@@ -295,7 +409,9 @@ def evaluate(image, metadata: dict, objects: list | None = None) -> tuple:
                     for d, target in ((d, t) for d in found for t in matched_groups[j]):
                         if relation not in (rel := relative_position(d.box, target.box)):
                             correct = matched = False
-                            reasons.append(f"expected {cls} {relation} target, found {' and '.join(sorted(rel))} target")
+                            reasons.append(
+                                f"expected {cls} {relation} target, found {' and '.join(sorted(rel))} target"
+                            )
                             break
         matched_groups.append(found if matched else None)
     for req in metadata.get("exclude", []):
@@ -306,20 +422,25 @@ def evaluate(image, metadata: dict, objects: list | None = None) -> tuple:
 
 # %% ../nbs/12_world.ipynb #98029149
 def summarize(results: list) -> dict:
-    "GenEval's summary: {tag: fraction correct over its pictures} for results [(metadata, correct), ...], and 'overall' = the mean of the task scores."
+    """GenEval's summary: {tag: fraction correct over its pictures} for results [(metadata, correct), ...], and
+    'overall' = the mean of the task scores."""
     by_tag = {}
-    for metadata, correct in results: by_tag.setdefault(metadata["tag"], []).append(bool(correct))
+    for metadata, correct in results:
+        by_tag.setdefault(metadata["tag"], []).append(bool(correct))
     scores = {tag: sum(v) / len(v) for tag, v in by_tag.items()}
     return {**scores, "overall": sum(scores.values()) / len(scores)} if scores else {}
 
 # %% ../nbs/12_world.ipynb #b5ef4024
-def geneval(pipe, prompts: list | None = None, images_per_prompt: int = 4, seed: int = 0, batch_size: int = 256, **settings) -> list:
-    "GenEval's protocol on `pipe`: `images_per_prompt` pictures of each prompt (default: all of `geneval_prompts`), judged; [(metadata, correct), ...]."
+def geneval(
+    pipe, prompts: list | None = None, images_per_prompt: int = 4, seed: int = 0, batch_size: int = 256, **settings
+) -> list:
+    """GenEval's protocol on `pipe`: `images_per_prompt` pictures of each prompt (default: all of `geneval_prompts`),
+    judged; [(metadata, correct), ...]."""
     prompts = geneval_prompts() if prompts is None else prompts
     jobs = [m for m in prompts for _ in range(images_per_prompt)]
     results = []
     for k, start in enumerate(range(0, len(jobs), batch_size)):
-        batch = jobs[start:start + batch_size]
-        pictures = pipe([m["prompt"] for m in batch], seed=seed + k, **settings)     # batch k from seed + k
+        batch = jobs[start : start + batch_size]
+        pictures = pipe([m["prompt"] for m in batch], seed=seed + k, **settings)  # batch k from seed + k
         results += [(m, evaluate(picture, m)[0]) for m, picture in zip(batch, pictures)]
     return results
