@@ -35,7 +35,8 @@ from .testing import Case, run_checks
 def pair_counts(ids: list, counts: dict | None = None, weight: int = 1) -> dict:
     "Count each pair of neighbours in `ids`, `weight` times, adding to `counts` if given: {(a, b): count}."
     counts = {} if counts is None else counts
-    for pair in zip(ids, ids[1:]): counts[pair] = counts.get(pair, 0) + weight
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + weight
     return counts
 
 # %% ../nbs/03_bpe.ipynb #92734fa3
@@ -44,31 +45,40 @@ def merge(ids: list, pair: tuple, new_id: int) -> list:
     a, b = pair
     out, i, n = [], 0, len(ids)
     while i < n:
-        if i < n - 1 and ids[i] == a and ids[i + 1] == b: out.append(new_id); i += 2
-        else: out.append(ids[i]); i += 1
+        if i < n - 1 and ids[i] == a and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
     return out
 
 # %% ../nbs/03_bpe.ipynb #de1a963e
 def train_bpe(chunks: list, num_merges: int, history: list | None = None, first_id: int = 256) -> dict:
-    "Learn up to `num_merges` merges from `chunks` (byte strings, or lists of ids below `first_id`): {(a, b): new_id}, new ids first_id, first_id + 1, ..."
-    bag = Counter(tuple(c) for c in chunks)                  # distinct chunks and how often each occurs
+    """Learn up to `num_merges` merges from `chunks` (byte strings, or lists of ids below `first_id`): {(a, b): new_id},
+    new ids first_id, first_id + 1, ..."""
+    bag = Counter(tuple(c) for c in chunks)  # distinct chunks and how often each occurs
     words, weights = [list(c) for c in bag], list(bag.values())
     merges = {}
     for new_id in range(first_id, first_id + num_merges):
         counts = {}
-        for word, w in zip(words, weights): counts = pair_counts(word, counts, w)
-        if not counts: break                                  # every chunk is a single token
-        pair = max(counts, key=counts.get)                    # the first seen among the most frequent
+        for word, w in zip(words, weights):
+            counts = pair_counts(word, counts, w)
+        if not counts:
+            break  # every chunk is a single token
+        pair = max(counts, key=counts.get)  # the first seen among the most frequent
         merges[pair] = new_id
         words = [merge(word, pair, new_id) for word in words]
-        if history is not None: history.append(sum(len(word) * w for word, w in zip(words, weights)))
+        if history is not None:
+            history.append(sum(len(word) * w for word, w in zip(words, weights)))
     return merges
 
 # %% ../nbs/03_bpe.ipynb #ff7dca9d
 def bpe_vocab(merges: dict) -> dict:
     "The bytes of every token id: the 256 single bytes, then one token per merge."
     vocab = {i: bytes([i]) for i in range(256)}
-    for (a, b), new_id in merges.items(): vocab[new_id] = vocab[a] + vocab[b]
+    for (a, b), new_id in merges.items():
+        vocab[new_id] = vocab[a] + vocab[b]
     return vocab
 
 # %% ../nbs/03_bpe.ipynb #bb95461b
@@ -77,7 +87,8 @@ def bpe_encode(data: bytes, merges: dict) -> list:
     ids = list(data)
     while len(ids) > 1:
         pair = min(pair_counts(ids), key=lambda p: merges.get(p, float("inf")))
-        if pair not in merges: break
+        if pair not in merges:
+            break
         ids = merge(ids, pair, merges[pair])
     return ids
 
@@ -94,24 +105,34 @@ def docstring_corpus(max_lines: int | None = None) -> list:
     lines = []
     for path in sorted(root.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and (doc := ast.get_docstring(node)):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and (
+                doc := ast.get_docstring(node)
+            ):
                 lines += [line.strip() for line in doc.splitlines() if line.strip()]
-        if max_lines is not None and len(lines) >= max_lines: return lines[:max_lines]
-    if not lines: raise FileNotFoundError(f"No docstrings found in {root}: the standard library's .py sources are not installed")
+        if max_lines is not None and len(lines) >= max_lines:
+            return lines[:max_lines]
+    if not lines:
+        raise FileNotFoundError(f"No docstrings found in {root}: the standard library's .py sources are not installed")
     return lines
 
 # %% ../nbs/03_bpe.ipynb #40a3578a
-WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+WHITE_SPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+)
 
 # %% ../nbs/03_bpe.ipynb #e55a5acb
 @cache
 def unicode_ranges(major: str) -> tuple:
-    "Code point ranges ((first, last), ...) of the characters whose Unicode general category starts with `major` ('L' letters, 'N' numbers)."
+    """Code point ranges ((first, last), ...) of the characters whose Unicode general category starts with `major` ('L'
+    letters, 'N' numbers)."""
     ranges = []
     for i in range(0x110000):
-        if unicodedata.category(chr(i))[0] != major: continue
-        if ranges and ranges[-1][1] == i - 1: ranges[-1][1] = i
-        else: ranges.append([i, i])
+        if unicodedata.category(chr(i))[0] != major:
+            continue
+        if ranges and ranges[-1][1] == i - 1:
+            ranges[-1][1] = i
+        else:
+            ranges.append([i, i])
     return tuple(map(tuple, ranges))
 
 # %% ../nbs/03_bpe.ipynb #aaa459d7
@@ -127,22 +148,27 @@ def clip_split_pattern() -> re.Pattern:
 
 # %% ../nbs/03_bpe.ipynb #54f76d4c
 def clip_split(text: str) -> list:
-    "Cut normalised text into CLIP's chunks: letter runs, single numbers, contractions, runs of other symbols (white space dropped)."
+    """Cut normalised text into CLIP's chunks: letter runs, single numbers, contractions, runs of other symbols (white
+    space dropped)."""
     pieces = clip_split_pattern().findall(text)
-    if "<|" not in text: return pieces
+    if "<|" not in text:
+        return pieces
     return [q for p in pieces for q in CLIP_SPECIAL_PIECES.get(p, [p])]
 
 # %% ../nbs/03_bpe.ipynb #0a581750
 _WHITE_RUN = re.compile(f"[{re.escape(WHITE_SPACE)}]+")
 
+
 def clip_normalize(text: str) -> str:
-    "transformers' CLIP normaliser: Unicode NFC, each run of white space to one space, then lower case one character at a time."
+    """transformers' CLIP normaliser: Unicode NFC, each run of white space to one space, then lower case one character
+    at a time."""
     text = _WHITE_RUN.sub(" ", unicodedata.normalize("NFC", text))
     return text.lower() if "Σ" not in text else "".join(c.lower() for c in text)
 
 # %% ../nbs/03_bpe.ipynb #bd902d1c
 def bytes_to_unicode() -> dict:
-    "GPT-2's map from the 256 byte values to printable characters: visible Latin-1 bytes stand for themselves, the other 68 move to U+0100 on."
+    """GPT-2's map from the 256 byte values to printable characters: visible Latin-1 bytes stand for themselves, the
+    other 68 move to U+0100 on."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     moved = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
@@ -152,26 +178,32 @@ BYTE_ENCODER = bytes_to_unicode()
 BYTE_DECODER = {c: b for b, c in BYTE_ENCODER.items()}
 BYTE_TRANSLATION = str.maketrans({chr(b): c for b, c in BYTE_ENCODER.items()})  # latin-1 text -> table characters
 
+
 def byte_level(text: str) -> str:
     "`text` as UTF-8 bytes written with GPT-2's byte characters."
     return text.encode("utf-8").decode("latin-1").translate(BYTE_TRANSLATION)
 
 # %% ../nbs/03_bpe.ipynb #825d3593
 def bpe_merge(symbols: list, ranks: dict) -> list:
-    "Merge neighbouring symbols, lowest rank first and leftmost among equals, with a heap over a linked list: O(n log n)."
+    """Merge neighbouring symbols, lowest rank first and leftmost among equals, with a heap over a linked list: O(n log
+    n)."""
     sym, n = list(symbols), len(symbols)
-    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))       # the linked list of live symbols
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))  # the linked list of live symbols
     heap = [(ranks[p], i) for i, p in enumerate(zip(sym, sym[1:])) if p in ranks]
     heapq.heapify(heap)
     while heap:
         rank, i = heapq.heappop(heap)
         j = nxt[i]
-        if sym[i] is None or j >= n or ranks.get((sym[i], sym[j])) != rank: continue   # stale entry
+        if sym[i] is None or j >= n or ranks.get((sym[i], sym[j])) != rank:
+            continue  # stale entry
         sym[i], sym[j] = sym[i] + sym[j], None
         nxt[i] = nxt[j]
-        if nxt[i] < n: prv[nxt[i]] = i
-        if prv[i] >= 0 and (r := ranks.get((sym[prv[i]], sym[i]))) is not None: heapq.heappush(heap, (r, prv[i]))
-        if nxt[i] < n and (r := ranks.get((sym[i], sym[nxt[i]]))) is not None: heapq.heappush(heap, (r, i))
+        if nxt[i] < n:
+            prv[nxt[i]] = i
+        if prv[i] >= 0 and (r := ranks.get((sym[prv[i]], sym[i]))) is not None:
+            heapq.heappush(heap, (r, prv[i]))
+        if nxt[i] < n and (r := ranks.get((sym[i], sym[nxt[i]]))) is not None:
+            heapq.heappush(heap, (r, i))
     return [s for s in sym if s is not None]
 
 # %% ../nbs/03_bpe.ipynb #17c75ca0
@@ -181,56 +213,74 @@ BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
 # %% ../nbs/03_bpe.ipynb #01882249
 def clip_vocab(merges: list) -> dict:
-    "CLIP's vocabulary layout {token: id}: the 256 byte characters, the same with `</w>`, one token per merge, then BOS and EOS."
+    """CLIP's vocabulary layout {token: id}: the 256 byte characters, the same with `</w>`, one token per merge, then
+    BOS and EOS."""
     chars = list(BYTE_ENCODER.values())
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
     return {t: i for i, t in enumerate(tokens)}
 
+
 def load_clip_bpe(path=None) -> tuple:
-    "CLIP's vocabulary {token: id} and merges [(a, b), ...] from OpenAI's gzipped merges file (by default the copy shipped in sd_book)."
+    """CLIP's vocabulary {token: id} and merges [(a, b), ...] from OpenAI's gzipped merges file (by default the copy
+    shipped in sd_book)."""
     path = Path(path) if path is not None else resources.files("sd_book").joinpath("assets", CLIP_BPE_FILE)
-    try: lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
-    except FileNotFoundError: raise FileNotFoundError(f"CLIP merges file not found: {path}") from None
+    try:
+        lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"CLIP merges file not found: {path}") from None
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a gzip-compressed UTF-8 merges file ({type(e).__name__}: {e})") from None
-    merges = [tuple(line.split()) for line in lines[1:CLIP_NUM_MERGES + 1]]
+    merges = [tuple(line.split()) for line in lines[1 : CLIP_NUM_MERGES + 1]]
     if len(merges) < CLIP_NUM_MERGES or any(len(m) != 2 for m in merges):
-        raise ValueError(f"{path} should hold a header line and then at least {CLIP_NUM_MERGES} merges 'a b', one per line")
+        raise ValueError(
+            f"{path} should hold a header line and then at least {CLIP_NUM_MERGES} merges 'a b', one per line"
+        )
     return clip_vocab(merges), merges
 
 # %% ../nbs/03_bpe.ipynb #5c38dbad
 def validate_clip_bpe(vocab: dict, merges: list, source: str = "the vocabulary") -> None:
-    "Raise ValueError, naming `source`, unless `vocab` and `merges` form a consistent byte-level BPE with `</w>` word ends."
+    """Raise ValueError, naming `source`, unless `vocab` and `merges` form a consistent byte-level BPE with `</w>` word
+    ends."""
     if not isinstance(vocab, dict) or not all(isinstance(t, str) and type(i) is int for t, i in vocab.items()):
         raise ValueError(f"{source}: the vocabulary must map token strings to integer ids")
-    if len(set(vocab.values())) != len(vocab): raise ValueError(f"{source}: some ids are used by more than one token")
+    if len(set(vocab.values())) != len(vocab):
+        raise ValueError(f"{source}: some ids are used by more than one token")
     missing = [t for c in BYTE_ENCODER.values() for t in (c, c + "</w>") if t not in vocab]
-    if missing: raise ValueError(f"{source}: {len(missing)} byte-level tokens are missing (e.g. {missing[:3]}); expected a CLIP vocabulary with all 512 byte tokens")
+    if missing:
+        raise ValueError(
+            f"{source}: {len(missing)} byte-level tokens are missing (e.g. {missing[:3]}); expected a CLIP vocabulary with all 512 byte tokens"
+        )
     for k, m in enumerate(merges):
-        if len(m) != 2 or not all(isinstance(t, str) for t in m): raise ValueError(f"{source}: merge {k} is {m!r}, expected a pair of token strings")
+        if len(m) != 2 or not all(isinstance(t, str) for t in m):
+            raise ValueError(f"{source}: merge {k} is {m!r}, expected a pair of token strings")
         if m[0] not in vocab or m[1] not in vocab or m[0] + m[1] not in vocab:
             raise ValueError(f"{source}: merge {k} {m!r} uses or makes a token that is not in the vocabulary")
 
 # %% ../nbs/03_bpe.ipynb #bf1bf258
 CACHE_SIZE = 100_000
 
+
 def cached(cache: dict, key, compute):
-    "`cache[key]`, or `compute(key)` on a miss, stored only while the cache holds fewer than CACHE_SIZE entries (so unique strings cannot grow it without limit)."
+    """`cache[key]`, or `compute(key)` on a miss, stored only while the cache holds fewer than CACHE_SIZE entries (so
+    unique strings cannot grow it without limit)."""
     value = cache.get(key)
     if value is None:
         value = compute(key)
-        if len(cache) < CACHE_SIZE: cache[key] = value
+        if len(cache) < CACHE_SIZE:
+            cache[key] = value
     return value
 
 # %% ../nbs/03_bpe.ipynb #0fe96055
 def end_of_word(chunk: str) -> list:
-    "The symbols BPE starts from for one chunk: its UTF-8 bytes as GPT-2's byte characters, `</w>` appended to the last."
+    """The symbols BPE starts from for one chunk: its UTF-8 bytes as GPT-2's byte characters, `</w>` appended to the
+    last."""
     chars = byte_level(chunk)
     return [*chars[:-1], chars[-1] + "</w>"]
 
 # %% ../nbs/03_bpe.ipynb #f0579543
 class ByteLevelBPE:
     "Byte-level BPE with `</w>` word ends: a vocabulary {token: id}, ranked merges, and a cache of encoded chunks."
+
     def __init__(self, vocab: dict, merges: list):
         self.vocab, self.merges = dict(vocab), [tuple(m) for m in merges]
         self.ranks = {m: r for r, m in enumerate(self.merges)}
@@ -252,197 +302,349 @@ class ByteLevelBPE:
 # %% ../nbs/03_bpe.ipynb #20e392db
 @dataclass
 class AddedToken:
-    "A string matched before BPE: in the raw text, or in the normalised text when `normalized`; `special` ones are dropped by decode(skip_special_tokens=True)."
+    """A string matched before BPE: in the raw text, or in the normalised text when `normalized`; `special` ones are
+    dropped by decode(skip_special_tokens=True)."""
+
     content: str
     normalized: bool = False
     special: bool = True
 
 # %% ../nbs/03_bpe.ipynb #79e9b76a
 def split_on(text: str, pattern: re.Pattern | None, ids: dict) -> list:
-    "Cut `text` at the matches of `pattern` (added tokens): [(text_piece, None) or (token, id), ...], empty pieces dropped."
-    if pattern is None: return [(text, None)] if text else []
-    parts = pattern.split(text)                                  # text, token, text, token, ..., text
+    """Cut `text` at the matches of `pattern` (added tokens): [(text_piece, None) or (token, id), ...], empty pieces
+    dropped."""
+    if pattern is None:
+        return [(text, None)] if text else []
+    parts = pattern.split(text)  # text, token, text, token, ..., text
     return [(p, ids[p] if k % 2 else None) for k, p in enumerate(parts) if p]
+
 
 def added_token_pattern(tokens: list) -> re.Pattern | None:
     "A pattern that finds any of `tokens`, longest first at each position (None when there are none)."
-    if not tokens: return None
+    if not tokens:
+        return None
     return re.compile("(" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
 
 # %% ../nbs/03_bpe.ipynb #3466a451
 def read_json(path: Path):
     "The JSON content of `path`, with an error naming the file when it is not valid JSON."
-    try: return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{path} is not valid JSON ({e})") from None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
 
 def read_merges(path: Path) -> list:
     "The merges of a `merges.txt`: one pair 'a b' per line after an optional '#version' header."
     lines = Path(path).read_text(encoding="utf-8").split("\n")
     first = 2 if lines[0].startswith("#version") else 1
     merges = []
-    for k, line in enumerate(lines[first - 1:], first):
-        if not line: continue
-        if len(pair := line.split(" ")) != 2: raise ValueError(f"{path}, line {k}: expected two tokens separated by one space, got {line!r}")
+    for k, line in enumerate(lines[first - 1 :], first):
+        if not line:
+            continue
+        if len(pair := line.split(" ")) != 2:
+            raise ValueError(f"{path}, line {k}: expected two tokens separated by one space, got {line!r}")
         merges.append(tuple(pair))
     return merges
 
 # %% ../nbs/03_bpe.ipynb #b0ee183a
 def _token_content(spec) -> tuple:
     "(content, normalized or None) of a special-token entry of a config: a string or a dict with 'content'."
-    if isinstance(spec, dict): return spec["content"], spec.get("normalized")
+    if isinstance(spec, dict):
+        return spec["content"], spec.get("normalized")
     return spec, None
 
+
 def clip_special_tokens(config: dict, listed: list) -> dict:
-    "bos_token, eos_token, pad_token and added_tokens for CLIPTokenizer from a tokenizer config and its listed added tokens."
+    """bos_token, eos_token, pad_token and added_tokens for CLIPTokenizer from a tokenizer config and its listed added
+    tokens."""
     for t in listed:
-        if any(t.get(k) for k in ("lstrip", "rstrip", "single_word")): raise ValueError(f"Added token {t['content']!r} uses lstrip/rstrip/single_word, which CLIPTokenizer does not support")
-    added = {t["content"]: AddedToken(t["content"], bool(t.get("normalized")), bool(t.get("special", True))) for t in sorted(listed, key=lambda t: t["id"])}
+        if any(t.get(k) for k in ("lstrip", "rstrip", "single_word")):
+            raise ValueError(
+                f"Added token {t['content']!r} uses lstrip/rstrip/single_word, which CLIPTokenizer does not support"
+            )
+    added = {
+        t["content"]: AddedToken(t["content"], bool(t.get("normalized")), bool(t.get("special", True)))
+        for t in sorted(listed, key=lambda t: t["id"])
+    }
     names = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
     implicit = {}
     for key, default in names.items():
         content, normalized = _token_content(config.get(key) or default)
         names[key] = content
-        if content not in added: implicit[content] = implicit.get(content, True) and bool(normalized)
+        if content not in added:
+            implicit[content] = implicit.get(content, True) and bool(normalized)
     tokens = list(added.values()) + [AddedToken(c, n) for c, n in implicit.items()]
-    return {"bos_token": names["bos_token"], "eos_token": names["eos_token"], "pad_token": names["pad_token"], "added_tokens": tokens}
+    return {
+        "bos_token": names["bos_token"],
+        "eos_token": names["eos_token"],
+        "pad_token": names["pad_token"],
+        "added_tokens": tokens,
+    }
 
 # %% ../nbs/03_bpe.ipynb #1cbf8f0c
 def read_clip_files(path, subfolder: str | None = None) -> dict:
-    "CLIPTokenizer's arguments from a Hugging Face tokenizer folder, or from the path of its vocab.json or tokenizer.json."
+    """CLIPTokenizer's arguments from a Hugging Face tokenizer folder, or from the path of its vocab.json or
+    tokenizer.json."""
     path = Path(path) / (subfolder or "")
-    if not path.exists(): raise FileNotFoundError(f"No such file or folder: {path}")
+    if not path.exists():
+        raise FileNotFoundError(f"No such file or folder: {path}")
     folder = path if path.is_dir() else path.parent
-    if path.is_file(): vocab_file = None if path.name == "tokenizer.json" else path
-    else: vocab_file = folder / "vocab.json" if (folder / "vocab.json").is_file() else None
+    if path.is_file():
+        vocab_file = None if path.name == "tokenizer.json" else path
+    else:
+        vocab_file = folder / "vocab.json" if (folder / "vocab.json").is_file() else None
     added = []
     if vocab_file is not None:
-        if not (folder / "merges.txt").is_file(): raise FileNotFoundError(f"{folder / 'merges.txt'} not found: a CLIP tokenizer needs merges.txt next to {vocab_file.name}")
-        vocab, merges, source = read_json(vocab_file), read_merges(folder / "merges.txt"), f"{vocab_file} with {folder / 'merges.txt'}"
+        if not (folder / "merges.txt").is_file():
+            raise FileNotFoundError(
+                f"{folder / 'merges.txt'} not found: a CLIP tokenizer needs merges.txt next to {vocab_file.name}"
+            )
+        vocab, merges, source = (
+            read_json(vocab_file),
+            read_merges(folder / "merges.txt"),
+            f"{vocab_file} with {folder / 'merges.txt'}",
+        )
     elif (folder / "tokenizer.json").is_file():
         source = folder / "tokenizer.json"
         data = read_json(source)
         model, added = data.get("model", {}), data.get("added_tokens", [])
-        if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>": raise ValueError(f"{source} is not a CLIP tokenizer: expected a BPE model with end_of_word_suffix '</w>'")
-        vocab, merges = model["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    else: raise FileNotFoundError(f"No CLIP tokenizer in {folder}: expected vocab.json and merges.txt (or tokenizer.json)")
-    config = {k: v for f in ("special_tokens_map.json", "tokenizer_config.json") if (folder / f).is_file() for k, v in read_json(folder / f).items()}
+        if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+            raise ValueError(f"{source} is not a CLIP tokenizer: expected a BPE model with end_of_word_suffix '</w>'")
+        vocab, merges = (
+            model["vocab"],
+            [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]],
+        )
+    else:
+        raise FileNotFoundError(
+            f"No CLIP tokenizer in {folder}: expected vocab.json and merges.txt (or tokenizer.json)"
+        )
+    config = {
+        k: v
+        for f in ("special_tokens_map.json", "tokenizer_config.json")
+        if (folder / f).is_file()
+        for k, v in read_json(folder / f).items()
+    }
     added += [{"id": int(i), **t} for i, t in config.get("added_tokens_decoder", {}).items()]
     return {"vocab": vocab, "merges": merges, "source": str(source), **clip_special_tokens(config, added)}
 
 # %% ../nbs/03_bpe.ipynb #35cf494f
-def write_clip_files(folder, vocab: dict, merges: list, added: dict, bos_token: str, eos_token: str, pad_token: str,
-                     model_max_length: int = 77) -> list:
-    "Write a CLIP tokenizer in the Hugging Face layout (vocab.json, merges.txt and the two configs); `added` maps id -> AddedToken."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+def write_clip_files(
+    folder,
+    vocab: dict,
+    merges: list,
+    added: dict,
+    bos_token: str,
+    eos_token: str,
+    pad_token: str,
+    model_max_length: int = 77,
+) -> list:
+    """Write a CLIP tokenizer in the Hugging Face layout (vocab.json, merges.txt and the two configs); `added` maps id
+    -> AddedToken."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     special = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token, "unk_token": eos_token}
-    config = {"added_tokens_decoder": {str(i): {"content": t.content, "lstrip": False, "normalized": t.normalized, "rstrip": False,
-                                                "single_word": False, "special": t.special} for i, t in sorted(added.items())},
-              **special, "clean_up_tokenization_spaces": False, "do_lower_case": True, "errors": "replace",
-              "model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer"}
-    files = {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-             "special_tokens_map.json": json.dumps(special, indent=2), "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
-    for name, content in files.items(): (folder / name).write_text(content, encoding="utf-8")
+    config = {
+        "added_tokens_decoder": {
+            str(i): {
+                "content": t.content,
+                "lstrip": False,
+                "normalized": t.normalized,
+                "rstrip": False,
+                "single_word": False,
+                "special": t.special,
+            }
+            for i, t in sorted(added.items())
+        },
+        **special,
+        "clean_up_tokenization_spaces": False,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": model_max_length,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    files = {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+        "special_tokens_map.json": json.dumps(special, indent=2),
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
+    }
+    for name, content in files.items():
+        (folder / name).write_text(content, encoding="utf-8")
     return [folder / name for name in files]
 
 # %% ../nbs/03_bpe.ipynb #f86edce3
 def batch_texts(texts, max_length, reserved: int, what: str) -> list:
-    "`texts` (a string or a list of strings) as a list, after checking it, and that `max_length` has room for the `reserved` special tokens (`what`)."
+    """`texts` (a string or a list of strings) as a list, after checking it, and that `max_length` has room for the
+    `reserved` special tokens (`what`)."""
     texts = [texts] if isinstance(texts, str) else texts
-    if not isinstance(texts, (list, tuple)): raise TypeError(f"Expected a string or a list of strings, got {type(texts).__name__}")
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"Expected a string or a list of strings, got {type(texts).__name__}")
     if (bad := next((k for k, t in enumerate(texts) if not isinstance(t, str)), None)) is not None:
-        raise TypeError(f"Expected a string or a list of strings, but texts[{bad}] is of type {type(texts[bad]).__name__}")
-    if not isinstance(max_length, int) or max_length < reserved: raise ValueError(f"max_length={max_length!r} cannot hold {what}: it must be an integer >= {reserved}")
+        raise TypeError(
+            f"Expected a string or a list of strings, but texts[{bad}] is of type {type(texts[bad]).__name__}"
+        )
+    if not isinstance(max_length, int) or max_length < reserved:
+        raise ValueError(f"max_length={max_length!r} cannot hold {what}: it must be an integer >= {reserved}")
     return list(texts)
 
+
 def id_list(ids, known) -> list:
-    "Token `ids` (a list of integers or a 1-D tensor) as a list of ints, with an error naming the first one that is not in `known`, the valid ids."
+    """Token `ids` (a list of integers or a 1-D tensor) as a list of ints, with an error naming the first one that is
+    not in `known`, the valid ids."""
     if isinstance(ids, torch.Tensor):
-        if ids.ndim != 1: raise ValueError(f"decode expects a list of ids or a 1-D tensor, got a tensor of shape {tuple(ids.shape)}")
+        if ids.ndim != 1:
+            raise ValueError(f"decode expects a list of ids or a 1-D tensor, got a tensor of shape {tuple(ids.shape)}")
         ids = ids.tolist()
     out = []
     for i in ids:
-        try: out.append(operator.index(i)); ok = out[-1] in known
-        except TypeError: ok = False
-        if not ok: raise ValueError(f"Token id {i!r} is not in the vocabulary (integers 0 to {max(known)})")
+        try:
+            out.append(operator.index(i))
+            ok = out[-1] in known
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"Token id {i!r} is not in the vocabulary (integers 0 to {max(known)})")
     return out
 
 # %% ../nbs/03_bpe.ipynb #027d69b4
 class CLIPTokenizer(ByteLevelBPE):
-    "The tokenizer of SD3.5's CLIP text encoders, id for id equal to transformers' CLIPTokenizer; CLIPTokenizer() uses the shipped CLIP vocabulary."
-    def __init__(self, vocab: dict | None = None, merges: list | None = None, bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN,
-                 pad_token: str | None = None, added_tokens: list = (), source: str = "the vocabulary"):
-        if (vocab is None) != (merges is None): raise ValueError("Pass both `vocab` and `merges`, or neither to use the shipped CLIP vocabulary")
-        if vocab is None: vocab, merges = load_clip_bpe()
-        else: validate_clip_bpe(vocab, merges, source)                # `source` names the files in its errors
+    """The tokenizer of SD3.5's CLIP text encoders, id for id equal to transformers' CLIPTokenizer; CLIPTokenizer() uses
+    the shipped CLIP vocabulary."""
+
+    def __init__(
+        self,
+        vocab: dict | None = None,
+        merges: list | None = None,
+        bos_token: str = BOS_TOKEN,
+        eos_token: str = EOS_TOKEN,
+        pad_token: str | None = None,
+        added_tokens: list = (),
+        source: str = "the vocabulary",
+    ):
+        if (vocab is None) != (merges is None):
+            raise ValueError("Pass both `vocab` and `merges`, or neither to use the shipped CLIP vocabulary")
+        if vocab is None:
+            vocab, merges = load_clip_bpe()
+        else:
+            validate_clip_bpe(vocab, merges, source)  # `source` names the files in its errors
         super().__init__(vocab, merges)
-        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, eos_token if pad_token is None else pad_token
+        self.bos_token, self.eos_token, self.pad_token = (
+            bos_token,
+            eos_token,
+            eos_token if pad_token is None else pad_token,
+        )
         tokens = {}
         for t in [*added_tokens, self.bos_token, self.eos_token, self.pad_token]:
             t = t if isinstance(t, AddedToken) else AddedToken(t)
-            tokens.setdefault(t.content, t)                            # the first mention of a token wins
+            tokens.setdefault(t.content, t)  # the first mention of a token wins
         self.added_ids, self._normalized_ids, next_id = {}, {}, max(self.vocab.values()) + 1
-        for content, t in tokens.items():                              # new strings get ids after the vocabulary
-            if content in self.vocab: self.added_ids[content] = self.vocab[content]
-            else: self.added_ids[content], next_id = next_id, next_id + 1
+        for content, t in tokens.items():  # new strings get ids after the vocabulary
+            if content in self.vocab:
+                self.added_ids[content] = self.vocab[content]
+            else:
+                self.added_ids[content], next_id = next_id, next_id + 1
             i = self.added_ids[content]
-            if t.normalized: self._normalized_ids.setdefault(clip_normalize(content), i)   # found, and decoded, as its normalised form
+            if t.normalized:
+                # found, and decoded, as its normalised form
+                self._normalized_ids.setdefault(clip_normalize(content), i)
             self.id_to_token[i] = clip_normalize(content) if t.normalized else content
         self.added = {self.added_ids[c]: t for c, t in tokens.items()}
         self.special_ids = {i for i, t in self.added.items() if t.special}
-        self.bos_id, self.eos_id, self.pad_id = (self.added_ids[t] for t in (self.bos_token, self.eos_token, self.pad_token))
+        self.bos_id, self.eos_id, self.pad_id = (
+            self.added_ids[t] for t in (self.bos_token, self.eos_token, self.pad_token)
+        )
         self.vocab_size = max(self.id_to_token) + 1
         self._raw = added_token_pattern([c for c, t in tokens.items() if not t.normalized])
         self._normalized = added_token_pattern(list(self._normalized_ids))
 
-    def __repr__(self): return f"CLIPTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+    def __repr__(self):
+        return f"CLIPTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
 
     def encode(self, text: str) -> list:
         "Token ids of `text`, without BOS and EOS."
-        if not isinstance(text, str): raise TypeError(f"CLIPTokenizer.encode expects a str, got {type(text).__name__}")
+        if not isinstance(text, str):
+            raise TypeError(f"CLIPTokenizer.encode expects a str, got {type(text).__name__}")
         ids = []
         for raw, raw_id in split_on(text, self._raw, self.added_ids):
-            if raw_id is not None: ids.append(raw_id); continue
+            if raw_id is not None:
+                ids.append(raw_id)
+                continue
             for part, part_id in split_on(clip_normalize(raw), self._normalized, self._normalized_ids):
-                if part_id is not None: ids.append(part_id); continue
-                for chunk in clip_split(part): ids += self.encode_chunk(chunk)
+                if part_id is not None:
+                    ids.append(part_id)
+                    continue
+                for chunk in clip_split(part):
+                    ids += self.encode_chunk(chunk)
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        "The text of token `ids` (a list of ints or a 1-D tensor) as transformers writes it: bytes as UTF-8, each `</w>` a space, ends stripped."
-        parts = [self.token_bytes(self.id_to_token[i]) for i in id_list(ids, self.id_to_token) if not (skip_special_tokens and i in self.special_ids)]
+        """The text of token `ids` (a list of ints or a 1-D tensor) as transformers writes it: bytes as UTF-8, each
+        `</w>` a space, ends stripped."""
+        parts = [
+            self.token_bytes(self.id_to_token[i])
+            for i in id_list(ids, self.id_to_token)
+            if not (skip_special_tokens and i in self.special_ids)
+        ]
         return b"".join(parts).decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
     def __call__(self, texts, max_length: int = 77, pad_id: int | None = None) -> torch.Tensor:
-        "A (B, max_length) LongTensor: BOS, the ids of each text truncated to fit, EOS, then padding (`pad_id`, default the tokenizer's)."
+        """A (B, max_length) LongTensor: BOS, the ids of each text truncated to fit, EOS, then padding (`pad_id`,
+        default the tokenizer's)."""
         texts = batch_texts(texts, max_length, 2, "BOS and EOS")
         pad = self.pad_id if pad_id is None else pad_id
-        if pad not in self.id_to_token: raise ValueError(f"pad_id={pad!r} is not in the vocabulary (integers 0 to {self.vocab_size - 1})")
-        rows = [[self.bos_id, *self.encode(t)[:max_length - 2], self.eos_id] for t in texts]
-        return torch.tensor([r + [pad] * (max_length - len(r)) for r in rows], dtype=torch.long).view(len(rows), max_length)  # (B, L)
+        if pad not in self.id_to_token:
+            raise ValueError(f"pad_id={pad!r} is not in the vocabulary (integers 0 to {self.vocab_size - 1})")
+        rows = [[self.bos_id, *self.encode(t)[: max_length - 2], self.eos_id] for t in texts]
+        # (B, L)
+        return torch.tensor([r + [pad] * (max_length - len(r)) for r in rows], dtype=torch.long).view(
+            len(rows), max_length
+        )
 
     @classmethod
     def from_pretrained(cls, path, subfolder: str | None = None, **kwargs) -> "CLIPTokenizer":
-        "Load a Hugging Face CLIP tokenizer: a folder (vocab.json + merges.txt, or tokenizer.json, with their configs) or the path of its vocab.json; `kwargs` override, e.g. pad_token."
+        """Load a Hugging Face CLIP tokenizer: a folder (vocab.json + merges.txt, or tokenizer.json, with their configs)
+        or the path of its vocab.json; `kwargs` override, e.g. pad_token."""
         return cls(**{**read_clip_files(path, subfolder), **kwargs})
 
     def save_pretrained(self, folder, model_max_length: int = 77) -> list:
-        "Write this tokenizer in the Hugging Face layout read by from_pretrained and by transformers; `model_max_length` is the text encoder's."
-        return write_clip_files(folder, self.vocab, self.merges, self.added, self.bos_token, self.eos_token, self.pad_token, model_max_length)
+        """Write this tokenizer in the Hugging Face layout read by from_pretrained and by transformers;
+        `model_max_length` is the text encoder's."""
+        return write_clip_files(
+            folder,
+            self.vocab,
+            self.merges,
+            self.added,
+            self.bos_token,
+            self.eos_token,
+            self.pad_token,
+            model_max_length,
+        )
 
 # %% ../nbs/03_bpe.ipynb #480d7858
 def check_pair_counts(fn, **kwargs) -> bool:
     "Check an implementation of `pair_counts(ids, counts=None, weight=1)` on hidden cases."
-    cases = [Case("a short list", ([1, 2, 1, 2],)), Case("an empty list", ([],)), Case("a single id", ([7],)),
-             Case("one id repeated (the pairs overlap)", ([5] * 6,)), Case("the bytes of a sentence", (list(b"the cat sat on the mat"),)),
-             Case("adding to counts that already exist", ([1, 2, 3], {(1, 2): 4, (9, 9): 1})),
-             Case("a word that occurs 10 times", ([3, 4, 3, 4], None, 10))]
+    cases = [
+        Case("a short list", ([1, 2, 1, 2],)),
+        Case("an empty list", ([],)),
+        Case("a single id", ([7],)),
+        Case("one id repeated (the pairs overlap)", ([5] * 6,)),
+        Case("the bytes of a sentence", (list(b"the cat sat on the mat"),)),
+        Case("adding to counts that already exist", ([1, 2, 3], {(1, 2): 4, (9, 9): 1})),
+        Case("a word that occurs 10 times", ([3, 4, 3, 4], None, 10)),
+    ]
     return run_checks(fn, pair_counts, cases, name="pair_counts", **kwargs)
 
 # %% ../nbs/03_bpe.ipynb #d4ec0cc2
 def check_merge(fn, **kwargs) -> bool:
     "Check an implementation of `merge(ids, pair, new_id)` on hidden cases."
-    cases = [Case("a pair occurring twice", ([1, 2, 3, 1, 2], (1, 2), 9)), Case("a pair that does not occur", ([1, 2, 3], (3, 1), 9)),
-             Case("an empty list", ([], (1, 2), 9)), Case("the pair at the very end", ([4, 1, 2], (1, 2), 9)),
-             Case("an odd run of one id", ([5, 5, 5], (5, 5), 6)), Case("an even run of one id", ([5, 5, 5, 5], (5, 5), 6)),
-             Case("bytes of a sentence", (list(b"the cat, the hat"), (116, 104), 256))]
+    cases = [
+        Case("a pair occurring twice", ([1, 2, 3, 1, 2], (1, 2), 9)),
+        Case("a pair that does not occur", ([1, 2, 3], (3, 1), 9)),
+        Case("an empty list", ([], (1, 2), 9)),
+        Case("the pair at the very end", ([4, 1, 2], (1, 2), 9)),
+        Case("an odd run of one id", ([5, 5, 5], (5, 5), 6)),
+        Case("an even run of one id", ([5, 5, 5, 5], (5, 5), 6)),
+        Case("bytes of a sentence", (list(b"the cat, the hat"), (116, 104), 256)),
+    ]
     return run_checks(fn, merge, cases, name="merge", **kwargs)

@@ -22,20 +22,33 @@ from safetensors.torch import save_file
 
 from .core import randn
 from .testing import Case, run_checks
-from .checkpoints import (CheckpointError, LazyStateDict, component_prefix, load_into, open_checkpoint, read_config, rename_keys,
-                                 strip_prefix, wrong_model_error)
+from sd_book.checkpoints import (
+    CheckpointError,
+    LazyStateDict,
+    component_prefix,
+    load_into,
+    open_checkpoint,
+    read_config,
+    rename_keys,
+    strip_prefix,
+    wrong_model_error,
+)
 
 # %% ../nbs/06_clip.ipynb #1d650456
 ACTIVATIONS = ("quick_gelu", "gelu")
 
+
 def _known_activation(name: str) -> str:
     "`name`, if it is one of ACTIVATIONS; else an error that lists them."
-    if name not in ACTIVATIONS: raise ValueError(f"Unknown hidden_act {name!r}: expected one of {ACTIVATIONS}")
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown hidden_act {name!r}: expected one of {ACTIVATIONS}")
     return name
+
 
 @dataclass
 class CLIPConfig:
     "The shape of a CLIP text transformer; the defaults are CLIP-L/14's text tower."
+
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -48,22 +61,37 @@ class CLIPConfig:
     eos_token_id: int | None = 49407
 
     def __post_init__(self):
-        if self.num_hidden_layers < 1: raise ValueError(f"num_hidden_layers must be at least 1, got {self.num_hidden_layers}")
-        if self.hidden_size % self.num_attention_heads: raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        if self.num_hidden_layers < 1:
+            raise ValueError(f"num_hidden_layers must be at least 1, got {self.num_hidden_layers}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
         _known_activation(self.hidden_act)
 
     @property
-    def head_dim(self) -> int: return self.hidden_size // self.num_attention_heads
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
 
     @classmethod
     def clip_l(cls):
         "OpenAI CLIP ViT-L/14's text tower (SD3's `clip_l`)."
         return cls()
+
     @classmethod
     def clip_g(cls):
         "OpenCLIP ViT-bigG/14's text tower (SD3's `clip_g`)."
-        return cls(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280, hidden_act="gelu")
+        return cls(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            projection_dim=1280,
+            hidden_act="gelu",
+        )
+
     bigg = clip_g
+
     @classmethod
     def tiny(cls):
         "A 3-layer, 32-wide model with CLIP's real vocabulary, for tests."
@@ -71,14 +99,22 @@ class CLIPConfig:
 
 # %% ../nbs/06_clip.ipynb #3bd0e246
 def validate_ids(ids: torch.Tensor, max_len: int | None = None, what: str = "ids"):
-    "Raise a clear error unless `ids` is an integer tensor (B, L) with L >= 1 and, if `max_len` is given, L <= `max_len` (chapter 7's T5 uses it too)."
+    """Raise a clear error unless `ids` is an integer tensor (B, L) with L >= 1 and, if `max_len` is given, L <=
+    `max_len` (chapter 7's T5 uses it too)."""
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.ndim != 2:
-        raise ValueError(f"{what} must be an integer tensor of shape (B, L), got {type(ids).__name__} {tuple(getattr(ids, 'shape', ()))} {getattr(ids, 'dtype', '')}")
+        raise ValueError(
+            f"{what} must be an integer tensor of shape (B, L), got {type(ids).__name__} {tuple(getattr(ids, 'shape', ()))} {getattr(ids, 'dtype', '')}"
+        )
     if ids.shape[1] < 1 or (max_len is not None and ids.shape[1] > max_len):
-        raise ValueError(f"{what} has length {ids.shape[1]}, but this model reads " + ("at least 1 token" if max_len is None else f"1 to {max_len} tokens"))
+        raise ValueError(
+            f"{what} has length {ids.shape[1]}, but this model reads "
+            + ("at least 1 token" if max_len is None else f"1 to {max_len} tokens")
+        )
+
 
 class CLIPTextEmbeddings(nn.Module):
     "Token embedding plus learned absolute position embedding."
+
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -86,14 +122,16 @@ class CLIPTextEmbeddings(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         validate_ids(ids, self.position_embedding.num_embeddings)
-        positions = torch.arange(ids.shape[1], device=ids.device)                 # (L,)
-        return self.token_embedding(ids) + self.position_embedding(positions)     # (B, L, D)
+        positions = torch.arange(ids.shape[1], device=ids.device)  # (L,)
+        return self.token_embedding(ids) + self.position_embedding(positions)  # (B, L, D)
 
 # %% ../nbs/06_clip.ipynb #1f10bffb
 def causal_mask(length: int, attention_mask: torch.Tensor | None = None, device=None) -> torch.Tensor:
-    "Boolean mask (B or 1, 1, L, L), True where query i may attend to key j: j <= i, and key j not padding when `attention_mask` (B, L) is given."
-    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]   # (1, 1, L, L)
-    if attention_mask is None: return allowed
+    """Boolean mask (B or 1, 1, L, L), True where query i may attend to key j: j <= i, and key j not padding when
+    `attention_mask` (B, L) is given."""
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]  # (1, 1, L, L)
+    if attention_mask is None:
+        return allowed
     if attention_mask.shape[-1] != length or attention_mask.ndim != 2:
         raise ValueError(f"attention_mask must have shape (B, {length}), got {tuple(attention_mask.shape)}")
     allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, L, L)
@@ -102,6 +140,7 @@ def causal_mask(length: int, attention_mask: torch.Tensor | None = None, device=
 # %% ../nbs/06_clip.ipynb #f9d438d1
 class CLIPAttention(nn.Module):
     "Multi-head self-attention with biases; causal unless given an explicit boolean mask."
+
     def __init__(self, config: CLIPConfig):
         super().__init__()
         D = config.hidden_size
@@ -110,14 +149,18 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
-        q, k, v = (p(x).view(B, L, self.n_head, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, L, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)                                     # (B, H, L, d)
-        return self.out_proj(y.transpose(1, 2).reshape(B, L, D))                                                                 # (B, L, D)
+        # (B, H, L, d)
+        q, k, v = (
+            p(x).view(B, L, self.n_head, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, L, d)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
 
 # %% ../nbs/06_clip.ipynb #48963bca
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     "OpenAI CLIP's activation x * sigmoid(1.702 x), a cheap approximation of GELU."
     return x * torch.sigmoid(1.702 * x)
+
 
 def activation(name: str):
     "The activation function called `name` in a CLIP config ('quick_gelu' or 'gelu')."
@@ -126,6 +169,7 @@ def activation(name: str):
 # %% ../nbs/06_clip.ipynb #43e61b8b
 class CLIPMLP(nn.Module):
     "Position-wise feed-forward network: fc1, activation, fc2."
+
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.act = activation(config.hidden_act)
@@ -133,11 +177,12 @@ class CLIPMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))   # (B, L, D) -> (B, L, F) -> (B, L, D)
+        return self.fc2(self.act(self.fc1(x)))  # (B, L, D) -> (B, L, F) -> (B, L, D)
 
 # %% ../nbs/06_clip.ipynb #bc907d9e
 class CLIPEncoderLayer(nn.Module):
     "A pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."
+
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -146,58 +191,73 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = CLIPMLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), mask)   # (B, L, D)
+        x = x + self.self_attn(self.layer_norm1(x), mask)  # (B, L, D)
         return x + self.mlp(self.layer_norm2(x))
 
 # %% ../nbs/06_clip.ipynb #63f177c7
 class CLIPEncoder(nn.Module):
     "The stack of `num_hidden_layers` blocks; returns the last block's output and its input (the penultimate state)."
+
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        for layer in self.layers[:-1]: x = layer(x, mask)
-        return self.layers[-1](x, mask), x   # (B, L, D) twice
+        for layer in self.layers[:-1]:
+            x = layer(x, mask)
+        return self.layers[-1](x, mask), x  # (B, L, D) twice
 
 # %% ../nbs/06_clip.ipynb #68676e39
 def eos_positions(ids: torch.Tensor, eos_token_id: int | None = 49407) -> torch.Tensor:
-    "Position (B,) of the first `eos_token_id` in each row of `ids` (B, L); of the largest id when `eos_token_id` is None."
-    if eos_token_id is None: return ids.argmax(-1)
-    is_eos = ids == eos_token_id                                                   # (B, L)
+    """Position (B,) of the first `eos_token_id` in each row of `ids` (B, L); of the largest id when `eos_token_id` is
+    None."""
+    if eos_token_id is None:
+        return ids.argmax(-1)
+    is_eos = ids == eos_token_id  # (B, L)
     if not is_eos.any(-1).all():
-        raise ValueError(f"Rows {(~is_eos.any(-1)).nonzero().flatten().tolist()} of ids contain no end-of-text token {eos_token_id}: the pooled vector is read there")
+        raise ValueError(
+            f"Rows {(~is_eos.any(-1)).nonzero().flatten().tolist()} of ids contain no end-of-text token {eos_token_id}: the pooled vector is read there"
+        )
     return is_eos.int().argmax(-1)
+
 
 def pool_at_eos(hidden: torch.Tensor, ids: torch.Tensor, eos_token_id: int | None = 49407) -> torch.Tensor:
     "The vectors (B, D) of `hidden` (B, L, D) at each row's first end-of-text token."
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_positions(ids, eos_token_id).to(hidden.device)]
+    return hidden[
+        torch.arange(hidden.shape[0], device=hidden.device), eos_positions(ids, eos_token_id).to(hidden.device)
+    ]
 
 # %% ../nbs/06_clip.ipynb #e8fdc246
 @dataclass
 class CLIPOutput:
     "What SD3 needs from a CLIP text encoder."
-    last_hidden_state: torch.Tensor         # (B, L, D)  final LayerNorm applied
+
+    last_hidden_state: torch.Tensor  # (B, L, D)  final LayerNorm applied
     penultimate_hidden_state: torch.Tensor  # (B, L, D)  input of the last block, no final LayerNorm
-    pooled: torch.Tensor                    # (B, P)     final-normed state at the first EOS, projected
+    pooled: torch.Tensor  # (B, P)     final-normed state at the first EOS, projected
 
 # %% ../nbs/06_clip.ipynb #a253d95f
 class CLIPTextTransformer(nn.Module):
     "Embeddings, the block stack and the final LayerNorm."
+
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.embeddings = CLIPTextEmbeddings(config)
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.embeddings(ids)                                                      # (B, L, D)
+    def forward(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embeddings(ids)  # (B, L, D)
         mask = None if attention_mask is None else causal_mask(ids.shape[1], attention_mask, h.device)
         last, penultimate = self.encoder(h, mask)
         return self.final_layer_norm(last), penultimate
 
+
 class CLIPTextEncoder(nn.Module):
     "A CLIP text tower with its projection: `model(ids)` gives a `CLIPOutput`."
+
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
@@ -207,14 +267,20 @@ class CLIPTextEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CLIPOutput:
         "Encode token ids (B, L); causal mask only unless a padding `attention_mask` (B, L) is given (SD3 gives none)."
         last, penultimate = self.text_model(ids, attention_mask)
-        pooled = pool_at_eos(last, ids, self.config.eos_token_id)                 # (B, D)
-        return CLIPOutput(last, penultimate, self.text_projection(pooled))         # pooled: (B, P)
+        pooled = pool_at_eos(last, ids, self.config.eos_token_id)  # (B, D)
+        return CLIPOutput(last, penultimate, self.text_projection(pooled))  # pooled: (B, P)
 
 # %% ../nbs/06_clip.ipynb #62c5fa01
 def clip_num_params(config: CLIPConfig) -> int:
     "Number of parameters of `CLIPTextEncoder(config)`, counted from the architecture."
-    V, P, D, F_, N, Pp = (config.vocab_size, config.max_position_embeddings, config.hidden_size,
-                          config.intermediate_size, config.num_hidden_layers, config.projection_dim)
+    V, P, D, F_, N, Pp = (
+        config.vocab_size,
+        config.max_position_embeddings,
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        config.projection_dim,
+    )
     block = 4 * (D * D + D) + 2 * 2 * D + (D * F_ + F_) + (F_ * D + D)
     return V * D + P * D + N * block + 2 * D + D * Pp
 
@@ -225,26 +291,32 @@ def num_params(model: nn.Module) -> int:
 
 # %% ../nbs/06_clip.ipynb #f36b80ef
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    "The largest deviation of `a` from `ref` relative to the largest magnitude of `ref`, max |a - ref| / max |ref|, computed in fp32."
+    """The largest deviation of `a` from `ref` relative to the largest magnitude of `ref`, max |a - ref| / max |ref|,
+    computed in fp32."""
     return ((a.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 # %% ../nbs/06_clip.ipynb #d3c46b66
 CLIP_RENAMES = [
-    (r"^(embeddings|encoder|final_layer_norm)\.", r"text_model.\1."),   # transformers >= 5.6 saves CLIPTextModel flattened
-    (r"^text_model\.embeddings\.position_ids$", None),                  # a buffer (0, 1, ..., 76) that older transformers saved
-    (r"^(vision_model\.|visual_projection\.|logit_scale$)", None),      # the image half of a full CLIPModel
+    (
+        r"^(embeddings|encoder|final_layer_norm)\.",
+        r"text_model.\1.",
+    ),  # transformers >= 5.6 saves CLIPTextModel flattened
+    (r"^text_model\.embeddings\.position_ids$", None),  # a buffer (0, 1, ..., 76) that older transformers saved
+    (r"^(vision_model\.|visual_projection\.|logit_scale$)", None),  # the image half of a full CLIPModel
 ]
 
 # %% ../nbs/06_clip.ipynb #da2a4988
 def clip_state(source, prefix: str | None = None) -> LazyStateDict:
-    "A CLIP text tower's tensors in our key names from anything `open_checkpoint` opens: the single-file prefix found or given, transformers' layouts renamed, and an identity `text_projection.weight` when there is none."
+    """A CLIP text tower's tensors in our key names from anything `open_checkpoint` opens: the single-file prefix found
+    or given, transformers' layouts renamed, and an identity `text_projection.weight` when there is none."""
     state = open_checkpoint(source)
     prefix = component_prefix(state, prefix, ("clip_l", "clip_g"), native=("text_model.", "embeddings."))
-    if prefix: state = strip_prefix(state, prefix)
+    if prefix:
+        state = strip_prefix(state, prefix)
     state = rename_keys(state, CLIP_RENAMES)
     if "text_model.embeddings.token_embedding.weight" not in state:
         raise wrong_model_error(state, "a CLIP text encoder", "text_model.embeddings.token_embedding.weight")
-    if "text_projection.weight" not in state:                                     # SD3's clip_l: the pooled vector is used unprojected
+    if "text_projection.weight" not in state:  # SD3's clip_l: the pooled vector is used unprojected
         norm = state["text_model.final_layer_norm.weight"]
         state = state.with_tensors({"text_projection.weight": lambda: torch.eye(norm.shape[0], dtype=norm.dtype)})
     return state
@@ -252,27 +324,43 @@ def clip_state(source, prefix: str | None = None) -> LazyStateDict:
 # %% ../nbs/06_clip.ipynb #54515e7b
 CLIP_ACT_BY_WIDTH = {768: "quick_gelu", 1024: "gelu", 1280: "gelu"}
 
+
 def clip_config(state, config_json: dict | None = None, **overrides) -> CLIPConfig:
-    "A CLIPConfig for `state` (our key names): sizes from the shapes; heads, activation, eps and EOS from transformers' `config_json`, else D/64 heads, the activation known for the width and EOS = the last id."
+    """A CLIPConfig for `state` (our key names): sizes from the shapes; heads, activation, eps and EOS from
+    transformers' `config_json`, else D/64 heads, the activation known for the width and EOS = the last id."""
     V, D = state["text_model.embeddings.token_embedding.weight"].shape
     layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))})
-    if layers != list(range(len(layers))) or not layers: raise CheckpointError(f"The checkpoint's layers are numbered {layers[:5]}...: expected 0, 1, ..., N-1")
-    found = dict(vocab_size=V, hidden_size=D, num_hidden_layers=len(layers),
-                 max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
-                 intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-                 projection_dim=state["text_projection.weight"].shape[0], num_attention_heads=max(D // 64, 1), eos_token_id=V - 1)
+    if layers != list(range(len(layers))) or not layers:
+        raise CheckpointError(f"The checkpoint's layers are numbered {layers[:5]}...: expected 0, 1, ..., N-1")
+    found = dict(
+        vocab_size=V,
+        hidden_size=D,
+        num_hidden_layers=len(layers),
+        max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
+        intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        projection_dim=state["text_projection.weight"].shape[0],
+        num_attention_heads=max(D // 64, 1),
+        eos_token_id=V - 1,
+    )
     js = (config_json or {}).get("text_config", config_json) or {}
     found.update({k: js[k] for k in ("num_attention_heads", "hidden_act", "layer_norm_eps", "eos_token_id") if k in js})
-    if found.get("eos_token_id") == 2: found["eos_token_id"] = None       # early configs: pool at argmax(ids), as transformers does
+    if found.get("eos_token_id") == 2:
+        found["eos_token_id"] = None  # early configs: pool at argmax(ids), as transformers does
     found.update(overrides)
     if "hidden_act" not in found:
-        if D not in CLIP_ACT_BY_WIDTH: raise CheckpointError(f"Cannot tell the activation of a {D}-wide CLIP without a config.json: pass hidden_act='quick_gelu' or 'gelu'")
+        if D not in CLIP_ACT_BY_WIDTH:
+            raise CheckpointError(
+                f"Cannot tell the activation of a {D}-wide CLIP without a config.json: pass hidden_act='quick_gelu' or 'gelu'"
+            )
         found["hidden_act"] = CLIP_ACT_BY_WIDTH[D]
     return CLIPConfig(**found)
 
 # %% ../nbs/06_clip.ipynb #bbaa7363
-def load_clip(source, prefix: str | None = None, dtype: torch.dtype | None = None, device=None, **overrides) -> CLIPTextEncoder:
-    "A CLIP text encoder in eval mode from a .safetensors file, a transformers / diffusers folder (sharded or not), an SD3 single or all-in-one file (`prefix` 'clip_l' / 'clip_g' when both are there) or a state dict."
+def load_clip(
+    source, prefix: str | None = None, dtype: torch.dtype | None = None, device=None, **overrides
+) -> CLIPTextEncoder:
+    """A CLIP text encoder in eval mode from a .safetensors file, a transformers / diffusers folder (sharded or not), an
+    SD3 single or all-in-one file (`prefix` 'clip_l' / 'clip_g' when both are there) or a state dict."""
     state = clip_state(source, prefix)
     config_json = read_config(source)
     config = clip_config(state, config_json, **overrides)
@@ -281,15 +369,32 @@ def load_clip(source, prefix: str | None = None, dtype: torch.dtype | None = Non
 # %% ../nbs/06_clip.ipynb #5751bad5
 def clip_config_json(config: CLIPConfig) -> dict:
     "transformers' config.json for a `CLIPTextModelWithProjection` of this config."
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
-            "projection_dim", "hidden_act", "layer_norm_eps")
-    eos = 2 if config.eos_token_id is None else config.eos_token_id        # transformers reads eos_token_id 2 as "pool at argmax(ids)"
-    return {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", **{k: getattr(config, k) for k in keys},
-            "eos_token_id": eos}
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "projection_dim",
+        "hidden_act",
+        "layer_norm_eps",
+    )
+    # transformers reads eos_token_id 2 as "pool at argmax(ids)"
+    eos = (2 if config.eos_token_id is None else config.eos_token_id)
+    return {
+        "architectures": ["CLIPTextModelWithProjection"],
+        "model_type": "clip_text_model",
+        **{k: getattr(config, k) for k in keys},
+        "eos_token_id": eos,
+    }
+
 
 def save_clip(model: CLIPTextEncoder, folder, dtype: torch.dtype | None = None) -> Path:
-    "Write `model` as a transformers CLIPTextModelWithProjection folder (config.json, model.safetensors), in `dtype` if given."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    """Write `model` as a transformers CLIPTextModelWithProjection folder (config.json, model.safetensors), in `dtype`
+    if given."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(clip_config_json(model.config), indent=2))
@@ -298,11 +403,47 @@ def save_clip(model: CLIPTextEncoder, folder, dtype: torch.dtype | None = None) 
 # %% ../nbs/06_clip.ipynb #c4a620f6
 def check_pool_at_eos(fn, **kwargs) -> bool:
     "Check an implementation of `pool_at_eos(hidden, ids, eos_token_id)` on hidden cases."
-    def ids(rows): return torch.tensor(rows)
-    cases = [Case("EOS at the end of each row", (randn((2, 5, 3), seed=1), ids([[49406, 7, 8, 9, 49407], [49406, 1, 2, 3, 49407]]), 49407)),
-             Case("rows padded with EOS", (randn((3, 6, 4), seed=2), ids([[49406, 5, 49407, 49407, 49407, 49407], [49406, 5, 6, 7, 49407, 49407], [49406, 49407] + [49407] * 4]), 49407)),
-             Case("rows padded with 0", (randn((2, 6, 4), seed=3), ids([[49406, 5, 49407, 0, 0, 0], [49406, 5, 6, 7, 8, 49407]]), 49407)),
-             Case("an EOS in the middle of the prompt", (randn((1, 7, 2), seed=4), ids([[49406, 5, 49407, 6, 7, 49407, 0]]), 49407)),
-             Case("a small vocabulary whose EOS is 2", (randn((2, 5, 3), seed=5), ids([[0, 9, 8, 2, 1], [0, 2, 7, 7, 2]]), 2)),
-             Case("eos_token_id None: the largest id", (randn((3, 5, 3), seed=6), ids([[5, 300, 9, 2, 1], [7, 8, 49000, 9, 3], [49406, 7, 49407, 49407, 3]]), None))]
+
+    def ids(rows):
+        return torch.tensor(rows)
+
+    cases = [
+        Case(
+            "EOS at the end of each row",
+            (randn((2, 5, 3), seed=1), ids([[49406, 7, 8, 9, 49407], [49406, 1, 2, 3, 49407]]), 49407),
+        ),
+        Case(
+            "rows padded with EOS",
+            (
+                randn((3, 6, 4), seed=2),
+                ids(
+                    [
+                        [49406, 5, 49407, 49407, 49407, 49407],
+                        [49406, 5, 6, 7, 49407, 49407],
+                        [49406, 49407] + [49407] * 4,
+                    ]
+                ),
+                49407,
+            ),
+        ),
+        Case(
+            "rows padded with 0",
+            (randn((2, 6, 4), seed=3), ids([[49406, 5, 49407, 0, 0, 0], [49406, 5, 6, 7, 8, 49407]]), 49407),
+        ),
+        Case(
+            "an EOS in the middle of the prompt",
+            (randn((1, 7, 2), seed=4), ids([[49406, 5, 49407, 6, 7, 49407, 0]]), 49407),
+        ),
+        Case(
+            "a small vocabulary whose EOS is 2", (randn((2, 5, 3), seed=5), ids([[0, 9, 8, 2, 1], [0, 2, 7, 7, 2]]), 2)
+        ),
+        Case(
+            "eos_token_id None: the largest id",
+            (
+                randn((3, 5, 3), seed=6),
+                ids([[5, 300, 9, 2, 1], [7, 8, 49000, 9, 3], [49406, 7, 49407, 49407, 3]]),
+                None,
+            ),
+        ),
+    ]
     return run_checks(fn, pool_at_eos, cases, **kwargs)

@@ -23,8 +23,18 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .attention import SelfAttention, merge_heads, sdpa
-from .checkpoints import (CheckpointError, LazyStateDict, component_folder, component_prefix, load_into, open_checkpoint, read_config,
-                                 rename_keys, strip_prefix, wrong_model_error)
+from sd_book.checkpoints import (
+    CheckpointError,
+    LazyStateDict,
+    component_folder,
+    component_prefix,
+    load_into,
+    open_checkpoint,
+    read_config,
+    rename_keys,
+    strip_prefix,
+    wrong_model_error,
+)
 from .core import randn
 from .diffusion import timestep_embedding
 from .testing import Case, run_checks
@@ -33,131 +43,196 @@ from .testing import Case, run_checks
 @dataclass
 class MMDiTConfig:
     "Sizes of an MMDiT (SD3) or MMDiT-X (SD3.5 Medium) denoiser; names follow Stability's MMDiTX."
-    depth: int = 24                    # number of joint blocks
-    hidden_size: int = 1536            # width D of both streams
-    num_heads: int = 24                # D / 64 in every released model
+
+    depth: int = 24  # number of joint blocks
+    hidden_size: int = 1536  # width D of both streams
+    num_heads: int = 24  # D / 64 in every released model
     patch_size: int = 2
     in_channels: int = 16
     out_channels: int = 16
-    pos_embed_max_size: int = 192      # the position table covers max x max patches
-    sample_size: int = 128             # latent size the table's spacing is based on (base grid sample_size / patch_size)
-    context_dim: int = 4096            # width of the text tokens (CLIP-L | CLIP-G zero-padded, and T5)
-    pooled_dim: int = 2048             # width of the pooled text vector y
+    pos_embed_max_size: int = 192  # the position table covers max x max patches
+    sample_size: int = 128  # latent size the table's spacing is based on (base grid sample_size / patch_size)
+    context_dim: int = 4096  # width of the text tokens (CLIP-L | CLIP-G zero-padded, and T5)
+    pooled_dim: int = 2048  # width of the pooled text vector y
     mlp_ratio: float = 4.0
-    qk_norm: str | None = None         # None or "rms" (SD3.5)
-    attn2_layers: tuple = ()           # MMDiT-X: blocks whose image stream has a second self-attention
+    qk_norm: str | None = None  # None or "rms" (SD3.5)
+    attn2_layers: tuple = ()  # MMDiT-X: blocks whose image stream has a second self-attention
     frequency_embedding_size: int = 256
 
     def __post_init__(self):
-        if self.qk_norm == "rms_norm": self.qk_norm = "rms"             # diffusers' name
-        if self.qk_norm not in (None, "rms"): raise ValueError(f"Unknown qk_norm {self.qk_norm!r}: expected None or 'rms'")
-        if self.hidden_size % self.num_heads: raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.qk_norm == "rms_norm":
+            self.qk_norm = "rms"  # diffusers' name
+        if self.qk_norm not in (None, "rms"):
+            raise ValueError(f"Unknown qk_norm {self.qk_norm!r}: expected None or 'rms'")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         self.attn2_layers = tuple(sorted(set(int(i) for i in self.attn2_layers)))
-        if any(not 0 <= i < self.depth for i in self.attn2_layers): raise ValueError(f"attn2_layers {self.attn2_layers} must lie in 0 ... depth-1 = {self.depth - 1}")
+        if any(not 0 <= i < self.depth for i in self.attn2_layers):
+            raise ValueError(f"attn2_layers {self.attn2_layers} must lie in 0 ... depth-1 = {self.depth - 1}")
 
     @property
-    def head_dim(self) -> int: return self.hidden_size // self.num_heads
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
     @property
-    def mlp_hidden(self) -> int: return int(self.hidden_size * self.mlp_ratio)
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
 
     @classmethod
-    def sd3_medium(cls): return cls(depth=24, hidden_size=1536, num_heads=24, pos_embed_max_size=192)
+    def sd3_medium(cls):
+        return cls(depth=24, hidden_size=1536, num_heads=24, pos_embed_max_size=192)
+
     @classmethod
-    def sd35_medium(cls): return cls(depth=24, hidden_size=1536, num_heads=24, pos_embed_max_size=384, qk_norm="rms", attn2_layers=tuple(range(13)))
+    def sd35_medium(cls):
+        return cls(
+            depth=24,
+            hidden_size=1536,
+            num_heads=24,
+            pos_embed_max_size=384,
+            qk_norm="rms",
+            attn2_layers=tuple(range(13)),
+        )
+
     @classmethod
-    def sd35_large(cls): return cls(depth=38, hidden_size=2432, num_heads=38, pos_embed_max_size=192, qk_norm="rms")
+    def sd35_large(cls):
+        return cls(depth=38, hidden_size=2432, num_heads=38, pos_embed_max_size=192, qk_norm="rms")
+
     @classmethod
-    def tiny(cls): return cls(depth=3, hidden_size=128, num_heads=2, pos_embed_max_size=16, sample_size=16, context_dim=64, pooled_dim=32, qk_norm="rms", attn2_layers=(0,))
+    def tiny(cls):
+        return cls(
+            depth=3,
+            hidden_size=128,
+            num_heads=2,
+            pos_embed_max_size=16,
+            sample_size=16,
+            context_dim=64,
+            pooled_dim=32,
+            qk_norm="rms",
+            attn2_layers=(0,),
+        )
 
 # %% ../nbs/10_mmdit.ipynb #d6e0b6f6
 class PatchEmbed(nn.Module):
-    "Latents (B, C, H, W) -> tokens (B, H/p * W/p, D) with a p x p convolution of stride p (`proj`, as in the checkpoint)."
+    """Latents (B, C, H, W) -> tokens (B, H/p * W/p, D) with a p x p convolution of stride p (`proj`, as in the
+    checkpoint)."""
+
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2).contiguous()   # (B, D, h, w) -> (B, h*w, D), tokens contiguous
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, D, h, w) -> (B, h*w, D), tokens contiguous
 
 # %% ../nbs/10_mmdit.ipynb #71e27567
 def unpatchify(x: torch.Tensor, h: int, w: int, patch_size: int) -> torch.Tensor:
-    "Tokens (B, h*w, p*p*C), each laid out (p, q, C), -> image (B, C, h*p, w*p): the inverse of cutting into p x p patches."
+    """Tokens (B, h*w, p*p*C), each laid out (p, q, C), -> image (B, C, h*p, w*p): the inverse of cutting into p x p
+    patches."""
     B, N, K = x.shape
     p = patch_size
-    if N != h * w or K % (p * p): raise ValueError(f"Expected (B, {h}*{w}, p*p*C) tokens for a {h} x {w} grid of {p}x{p} patches, got {tuple(x.shape)}")
+    if N != h * w or K % (p * p):
+        raise ValueError(
+            f"Expected (B, {h}*{w}, p*p*C) tokens for a {h} x {w} grid of {p}x{p} patches, got {tuple(x.shape)}"
+        )
     C = K // (p * p)
     x = x.reshape(B, h, w, p, p, C)
     return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, h * p, w * p)
 
 # %% ../nbs/10_mmdit.ipynb #ee20c9be
 def sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
-    "Sin-cos features of positions (M,) -> (M, dim): [sin(pos*w_k)] | [cos(pos*w_k)], w_k = 10000^(-k/(dim/2)), computed in float64."
-    if dim % 2: raise ValueError(f"dim must be even, got {dim}")
+    """Sin-cos features of positions (M,) -> (M, dim): [sin(pos*w_k)] | [cos(pos*w_k)], w_k = 10000^(-k/(dim/2)),
+    computed in float64."""
+    if dim % 2:
+        raise ValueError(f"dim must be even, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2))
-    out = pos.double()[:, None] * omega[None]                                     # (M, dim/2)
+    out = pos.double()[:, None] * omega[None]  # (M, dim/2)
     return torch.cat([out.sin(), out.cos()], dim=1)
 
 # %% ../nbs/10_mmdit.ipynb #3d2562e2
 def sincos_pos_table(dim: int, grid_size: int, base_size: int, device=None) -> torch.Tensor:
-    "The 2D sin-cos table of a grid_size x grid_size grid of patches, (grid_size^2, dim) in float32: column features | row features."
-    if dim % 4: raise ValueError(f"The position table needs a width divisible by 4, got {dim}")
-    pos = torch.arange(grid_size, dtype=torch.float32, device=device) / (grid_size / base_size)   # positions in float32, as diffusers
-    pe = sincos_1d(pos, dim // 2).float()                                          # (M, dim/2), one row per coordinate value
-    cols = pe[None, :, :].expand(grid_size, grid_size, dim // 2)                   # (M rows, M cols, dim/2): varies along columns
-    rows = pe[:, None, :].expand(grid_size, grid_size, dim // 2)                   # varies along rows
+    """The 2D sin-cos table of a grid_size x grid_size grid of patches, (grid_size^2, dim) in float32: column features |
+    row features."""
+    if dim % 4:
+        raise ValueError(f"The position table needs a width divisible by 4, got {dim}")
+    # positions in float32, as diffusers
+    pos = torch.arange(grid_size, dtype=torch.float32, device=device) / (grid_size / base_size)
+    pe = sincos_1d(pos, dim // 2).float()  # (M, dim/2), one row per coordinate value
+    cols = pe[None, :, :].expand(grid_size, grid_size, dim // 2)  # (M rows, M cols, dim/2): varies along columns
+    rows = pe[:, None, :].expand(grid_size, grid_size, dim // 2)  # varies along rows
     return torch.cat([cols, rows], dim=-1).reshape(grid_size * grid_size, dim)
 
 # %% ../nbs/10_mmdit.ipynb #f63ba0b0
 def crop_pos_embed(table: torch.Tensor, max_size: int, h: int, w: int) -> torch.Tensor:
     "The centre h x w window of a (1, max*max, D) position table, as (1, h*w, D), row-major."
     if h > max_size or w > max_size:
-        raise ValueError(f"A grid of {h} x {w} patches does not fit the {max_size} x {max_size} position table: at most {max_size} patches per side")
+        raise ValueError(
+            f"A grid of {h} x {w} patches does not fit the {max_size} x {max_size} position table: at most {max_size} patches per side"
+        )
     top, left = (max_size - h) // 2, (max_size - w) // 2
-    grid = table.view(1, max_size, max_size, -1)[:, top:top + h, left:left + w]    # (1, h, w, D)
+    grid = table.view(1, max_size, max_size, -1)[:, top : top + h, left : left + w]  # (1, h, w, D)
     return grid.reshape(1, h * w, -1)
 
 # %% ../nbs/10_mmdit.ipynb #ba64016e
 class MLPEmbedder(nn.Module):
     "Linear, SiLU, Linear as `mlp.0` / `mlp.2`: Stability's TimestepEmbedder and VectorEmbedder share this shape."
+
     def __init__(self, in_dim: int, hidden_size: int):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)
 
 # %% ../nbs/10_mmdit.ipynb #ac37e140
 class TimestepEmbedder(MLPEmbedder):
     "Timesteps t (B,) -> (B, D): sinusoidal features (in float32), then the MLP in the module's dtype."
+
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__(frequency_embedding_size, hidden_size)
         self.frequency_embedding_size = frequency_embedding_size
+
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
 
 # %% ../nbs/10_mmdit.ipynb #018e88d3
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    "adaLN modulation x * (1 + scale) + shift, for tokens x (B, L, D) and per-sample shift, scale (B, D) broadcast over the tokens."
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))      # shift + x * (1 + scale) in one pass over x
+    """adaLN modulation x * (1 + scale) + shift, for tokens x (B, L, D) and per-sample shift, scale (B, D) broadcast
+    over the tokens."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))  # shift + x * (1 + scale) in one pass over x
 
 # %% ../nbs/10_mmdit.ipynb #ddef2cde
 class Mlp(nn.Module):
     "Two linear layers `fc1`, `fc2` with a tanh-approximated GELU between them."
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 # %% ../nbs/10_mmdit.ipynb #f8d94080
 class StreamBlock(nn.Module):
-    "One stream's half of a joint block (Stability's DismantledBlock): adaLN modulation, attention split at the joint attention, MLP; `attn2` for MMDiT-X."
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qk_norm: str | None = None, pre_only: bool = False, attn2: bool = False):
+    """One stream's half of a joint block (Stability's DismantledBlock): adaLN modulation, attention split at the joint
+    attention, MLP; `attn2` for MMDiT-X."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden: int,
+        qk_norm: str | None = None,
+        pre_only: bool = False,
+        attn2: bool = False,
+    ):
         super().__init__()
-        if pre_only and attn2: raise ValueError("A pre_only stream (the last text block) cannot have attn2")
+        if pre_only and attn2:
+            raise ValueError("A pre_only stream (the last text block) cannot have attn2")
         self.pre_only, self.has_attn2 = pre_only, attn2
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, num_heads, qkv_bias=True, qk_norm=qk_norm, pre_only=pre_only)
-        if attn2: self.attn2 = SelfAttention(dim, num_heads, qkv_bias=True, qk_norm=qk_norm)
+        if attn2:
+            self.attn2 = SelfAttention(dim, num_heads, qkv_bias=True, qk_norm=qk_norm)
         if not pre_only:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.mlp = Mlp(dim, mlp_hidden)
@@ -165,17 +240,19 @@ class StreamBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mods * dim))
 
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor) -> tuple:
-        "Tokens x (B, L, D) and conditioning c (B, D) -> ((q, k, v) for the joint attention, what post_attention needs)."
-        mods = self.adaLN_modulation(c).chunk(self.n_mods, dim=1)                 # n_mods tensors (B, D)
+        """Tokens x (B, L, D) and conditioning c (B, D) -> ((q, k, v) for the joint attention, what post_attention
+        needs)."""
+        mods = self.adaLN_modulation(c).chunk(self.n_mods, dim=1)  # n_mods tensors (B, D)
         xn = self.norm1(x)
         qkv = self.attn.pre_attention(modulate(xn, mods[0], mods[1]))
-        return qkv, (x, xn if self.has_attn2 else None, mods)                     # attn2 reads the normalised input too
+        return qkv, (x, xn if self.has_attn2 else None, mods)  # attn2 reads the normalised input too
 
     def post_attention(self, o: torch.Tensor, state: tuple) -> torch.Tensor:
         "The joint attention's output for this stream (B, L, D) -> the block's output tokens (B, L, D)."
-        if self.pre_only: raise RuntimeError("A pre_only stream has no output: its tokens are not used after the last block")
+        if self.pre_only:
+            raise RuntimeError("A pre_only stream has no output: its tokens are not used after the last block")
         x, xn, (shift1, scale1, gate1, shift2, scale2, gate2, *more) = state
-        x = torch.addcmul(x, gate1.unsqueeze(1), self.attn.post_attention(o))         # x + gate1 * proj(o), one pass
+        x = torch.addcmul(x, gate1.unsqueeze(1), self.attn.post_attention(o))  # x + gate1 * proj(o), one pass
         if self.has_attn2:
             shift3, scale3, gate3 = more
             x = torch.addcmul(x, gate3.unsqueeze(1), self.attn2(modulate(xn, shift3, scale3)))
@@ -183,101 +260,135 @@ class StreamBlock(nn.Module):
 
 # %% ../nbs/10_mmdit.ipynb #256442d3
 class JointBlock(nn.Module):
-    "Block `index` of an MMDiT: `context_block` and `x_block` with separate weights, meeting in one joint attention (text first)."
+    """Block `index` of an MMDiT: `context_block` and `x_block` with separate weights, meeting in one joint attention
+    (text first)."""
+
     def __init__(self, config: MMDiTConfig, index: int):
         super().__init__()
-        if not 0 <= index < config.depth: raise ValueError(f"Block index {index} is outside 0 ... {config.depth - 1}")
+        if not 0 <= index < config.depth:
+            raise ValueError(f"Block index {index} is outside 0 ... {config.depth - 1}")
         args = (config.hidden_size, config.num_heads, config.mlp_hidden, config.qk_norm)
-        self.pre_only = index == config.depth - 1                                 # the text stream stops in the last block
+        self.pre_only = index == config.depth - 1  # the text stream stops in the last block
         self.context_block = StreamBlock(*args, pre_only=self.pre_only)
         self.x_block = StreamBlock(*args, attn2=index in config.attn2_layers)
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> tuple:
-        "Text tokens (B, L, D), image tokens (B, N, D), conditioning (B, D) -> (context or None after the last block, x)."
+        """Text tokens (B, L, D), image tokens (B, N, D), conditioning (B, D) -> (context or None after the last block,
+        x)."""
         c_qkv, c_state = self.context_block.pre_attention(context, c)
         x_qkv, x_state = self.x_block.pre_attention(x, c)
-        q, k, v = (torch.cat([c_qkv[i], x_qkv[i]], dim=2) for i in range(3))      # text first: (B, H, L + N, d)
-        del c_qkv, x_qkv                                                           # free the per-stream tensors before attending
-        o = merge_heads(sdpa(q, k, v))                                             # (B, L + N, D)
+        q, k, v = (torch.cat([c_qkv[i], x_qkv[i]], dim=2) for i in range(3))  # text first: (B, H, L + N, d)
+        del c_qkv, x_qkv  # free the per-stream tensors before attending
+        o = merge_heads(sdpa(q, k, v))  # (B, L + N, D)
         del q, k, v
-        c_o, x_o = o.split([context.shape[1], x.shape[1]], dim=1)                 # (B, L, D), (B, N, D)
+        c_o, x_o = o.split([context.shape[1], x.shape[1]], dim=1)  # (B, L, D), (B, N, D)
         context = None if self.pre_only else self.context_block.post_attention(c_o, c_state)
         return context, self.x_block.post_attention(x_o, x_state)
 
 # %% ../nbs/10_mmdit.ipynb #1dfae057
 class FinalLayer(nn.Module):
     "adaLN (shift, scale) then a linear map from D to p*p*out_channels per token."
+
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)                   # (B, D) each
-        return self.linear(modulate(self.norm_final(x), shift, scale))            # (B, N, p*p*C)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
 
 # %% ../nbs/10_mmdit.ipynb #5438671e
 class MMDiT(nn.Module):
-    "SD3 / SD3.5 denoiser: mmdit(x (B,C,H,W), t (B,) in [0, 1000], context (B,L,context_dim), y (B,pooled_dim)) -> velocity (B,C_out,H,W)."
+    """SD3 / SD3.5 denoiser: mmdit(x (B,C,H,W), t (B,) in [0, 1000], context (B,L,context_dim), y (B,pooled_dim)) ->
+    velocity (B,C_out,H,W)."""
+
     def __init__(self, config: MMDiTConfig):
         super().__init__()
         self.config = c = config
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
-        self.register_buffer("pos_embed", sincos_pos_table(c.hidden_size, c.pos_embed_max_size, c.sample_size // c.patch_size)[None])
+        self.register_buffer(
+            "pos_embed", sincos_pos_table(c.hidden_size, c.pos_embed_max_size, c.sample_size // c.patch_size)[None]
+        )
         self.t_embedder = TimestepEmbedder(c.hidden_size, c.frequency_embedding_size)
         self.y_embedder = MLPEmbedder(c.pooled_dim, c.hidden_size)
         self.context_embedder = nn.Linear(c.context_dim, c.hidden_size)
         self.joint_blocks = nn.ModuleList(JointBlock(c, i) for i in range(c.depth))
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
-        if self.pos_embed.device.type != "meta": self.init_weights()
+        if self.pos_embed.device.type != "meta":
+            self.init_weights()
 
     def init_weights(self) -> None:
-        "DiT's initialisation: Xavier-uniform linear layers with zero biases, N(0, 0.02) timestep MLP, and zero adaLN modulations and output layer."
+        """DiT's initialisation: Xavier-uniform linear layers with zero biases, N(0, 0.02) timestep MLP, and zero adaLN
+        modulations and output layer."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(self.config.hidden_size, -1)); nn.init.zeros_(self.x_embedder.proj.bias)
-        for i in (0, 2): nn.init.normal_(self.t_embedder.mlp[i].weight, std=0.02)
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(self.config.hidden_size, -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for i in (0, 2):
+            nn.init.normal_(self.t_embedder.mlp[i].weight, std=0.02)
         for m in [*self.joint_blocks.modules(), self.final_layer]:
-            if hasattr(m, "adaLN_modulation"): nn.init.zeros_(m.adaLN_modulation[1].weight); nn.init.zeros_(m.adaLN_modulation[1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight); nn.init.zeros_(self.final_layer.linear.bias)
+            if hasattr(m, "adaLN_modulation"):
+                nn.init.zeros_(m.adaLN_modulation[1].weight)
+                nn.init.zeros_(m.adaLN_modulation[1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
 
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         "Positions of an h x w grid of patches, (1, h*w, D): the centre window of the table."
         return crop_pos_embed(self.pos_embed, self.config.pos_embed_max_size, h, w)
 
     def forward(self, x: torch.Tensor, t, context: torch.Tensor, y: torch.Tensor, skip_layers=()) -> torch.Tensor:
-        "Velocity (B, out_channels, H, W) for latents x, timesteps t, text tokens `context` and pooled text `y`; blocks in `skip_layers` are bypassed."
+        """Velocity (B, out_channels, H, W) for latents x, timesteps t, text tokens `context` and pooled text `y`;
+        blocks in `skip_layers` are bypassed."""
         t, skip = self._check_inputs(x, t, context, y, skip_layers)
         dtype, p = self.x_embedder.proj.weight.dtype, self.config.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
-        x = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(h, w)          # (B, N, D)
-        c = self.t_embedder(t) + self.y_embedder(y.to(dtype))                     # (B, D)
-        context = self.context_embedder(context.to(dtype))                        # (B, L, D)
+        x = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(h, w)  # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(y.to(dtype))  # (B, D)
+        context = self.context_embedder(context.to(dtype))  # (B, L, D)
         for i, block in enumerate(self.joint_blocks):
-            if i not in skip: context, x = block(context, x, c)
-        return unpatchify(self.final_layer(x, c), h, w, p)                        # (B, C_out, H, W)
+            if i not in skip:
+                context, x = block(context, x, c)
+        return unpatchify(self.final_layer(x, c), h, w, p)  # (B, C_out, H, W)
 
 # %% ../nbs/10_mmdit.ipynb #3891cadc
 def _check_inputs(self, x, t, context, y, skip_layers) -> tuple:
     "Validate forward's inputs; return t as a (B,) tensor on x's device and the set of blocks to skip."
     c = self.config
-    if x.ndim != 4 or x.shape[1] != c.in_channels: raise ValueError(f"Expected latents x shaped (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[1] != c.in_channels:
+        raise ValueError(f"Expected latents x shaped (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
     B, _, H, W = x.shape
     if H % c.patch_size or W % c.patch_size:
-        raise ValueError(f"The latent size {H} x {W} is not divisible by the patch size {c.patch_size}: use image sizes that are multiples of {8 * c.patch_size} pixels")
+        raise ValueError(
+            f"The latent size {H} x {W} is not divisible by the patch size {c.patch_size}: use image sizes that are multiples of {8 * c.patch_size} pixels"
+        )
     if max(H, W) // c.patch_size > c.pos_embed_max_size:
-        raise ValueError(f"A latent of {H} x {W} ({H // c.patch_size} x {W // c.patch_size} patches) exceeds the {c.pos_embed_max_size} x {c.pos_embed_max_size} position table: "
-                         f"at most {c.pos_embed_max_size * c.patch_size} latent pixels per side")
+        raise ValueError(
+            f"A latent of {H} x {W} ({H // c.patch_size} x {W // c.patch_size} patches) exceeds the {c.pos_embed_max_size} x {c.pos_embed_max_size} position table: "
+            f"at most {c.pos_embed_max_size * c.patch_size} latent pixels per side"
+        )
     if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.context_dim:
-        raise ValueError(f"Expected context shaped ({B}, L, {c.context_dim}) (the checkpoint's context_embedder takes {c.context_dim} channels), got {tuple(context.shape)}")
-    if y.shape != (B, c.pooled_dim): raise ValueError(f"Expected pooled text y shaped ({B}, {c.pooled_dim}) (the checkpoint's y_embedder takes {c.pooled_dim} channels), got {tuple(y.shape)}")
+        raise ValueError(
+            f"Expected context shaped ({B}, L, {c.context_dim}) (the checkpoint's context_embedder takes {c.context_dim} channels), got {tuple(context.shape)}"
+        )
+    if y.shape != (B, c.pooled_dim):
+        raise ValueError(
+            f"Expected pooled text y shaped ({B}, {c.pooled_dim}) (the checkpoint's y_embedder takes {c.pooled_dim} channels), got {tuple(y.shape)}"
+        )
     t = torch.as_tensor(t, device=x.device)
-    if t.ndim == 0: t = t.expand(B)
-    if t.shape != (B,): raise ValueError(f"Expected timesteps t shaped ({B},) or a scalar, got {tuple(t.shape)}")
+    if t.ndim == 0:
+        t = t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"Expected timesteps t shaped ({B},) or a scalar, got {tuple(t.shape)}")
     skip = set(int(i) for i in skip_layers or ())
-    if any(not 0 <= i < c.depth for i in skip): raise ValueError(f"skip_layers {sorted(skip)} must be block indices in 0 ... {c.depth - 1}")
+    if any(not 0 <= i < c.depth for i in skip):
+        raise ValueError(f"skip_layers {sorted(skip)} must be block indices in 0 ... {c.depth - 1}")
     return t, skip
+
 
 MMDiT._check_inputs = _check_inputs
 
@@ -298,39 +409,68 @@ def joint_block_params(config: MMDiTConfig, index: int) -> int:
 def mmdit_num_params(config: MMDiTConfig) -> int:
     "Number of parameters of MMDiT(config), counted from the config."
     c, D = config, config.hidden_size
-    out = c.patch_size ** 2 * c.out_channels
-    embed = (c.in_channels * c.patch_size ** 2 * D + D) + (c.frequency_embedding_size * D + D + D * D + D) + (c.pooled_dim * D + D + D * D + D) + (c.context_dim * D + D)
+    out = c.patch_size**2 * c.out_channels
+    embed = (
+        (c.in_channels * c.patch_size**2 * D + D)
+        + (c.frequency_embedding_size * D + D + D * D + D)
+        + (c.pooled_dim * D + D + D * D + D)
+        + (c.context_dim * D + D)
+    )
     final = 2 * D * D + 2 * D + D * out + out
     return embed + sum(joint_block_params(c, i) for i in range(c.depth)) + final
 
 # %% ../nbs/10_mmdit.ipynb #83f1e18b
-MMDIT_BLOCK_RENAMES = {   # diffusers module inside transformer_blocks.N -> ours inside joint_blocks.N
-    "norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1",
-    "attn.to_q": "x_block.attn.qkv.q", "attn.to_k": "x_block.attn.qkv.k", "attn.to_v": "x_block.attn.qkv.v",
-    "attn.add_q_proj": "context_block.attn.qkv.q", "attn.add_k_proj": "context_block.attn.qkv.k", "attn.add_v_proj": "context_block.attn.qkv.v",
-    "attn2.to_q": "x_block.attn2.qkv.q", "attn2.to_k": "x_block.attn2.qkv.k", "attn2.to_v": "x_block.attn2.qkv.v",
-    "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj", "attn2.to_out.0": "x_block.attn2.proj",
-    "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k", "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
-    "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
-    "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2", "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
+MMDIT_BLOCK_RENAMES = {  # diffusers module inside transformer_blocks.N -> ours inside joint_blocks.N
+    "norm1.linear": "x_block.adaLN_modulation.1",
+    "norm1_context.linear": "context_block.adaLN_modulation.1",
+    "attn.to_q": "x_block.attn.qkv.q",
+    "attn.to_k": "x_block.attn.qkv.k",
+    "attn.to_v": "x_block.attn.qkv.v",
+    "attn.add_q_proj": "context_block.attn.qkv.q",
+    "attn.add_k_proj": "context_block.attn.qkv.k",
+    "attn.add_v_proj": "context_block.attn.qkv.v",
+    "attn2.to_q": "x_block.attn2.qkv.q",
+    "attn2.to_k": "x_block.attn2.qkv.k",
+    "attn2.to_v": "x_block.attn2.qkv.v",
+    "attn.to_out.0": "x_block.attn.proj",
+    "attn.to_add_out": "context_block.attn.proj",
+    "attn2.to_out.0": "x_block.attn2.proj",
+    "attn.norm_q": "x_block.attn.ln_q",
+    "attn.norm_k": "x_block.attn.ln_k",
+    "attn2.norm_q": "x_block.attn2.ln_q",
+    "attn2.norm_k": "x_block.attn2.ln_k",
+    "attn.norm_added_q": "context_block.attn.ln_q",
+    "attn.norm_added_k": "context_block.attn.ln_k",
+    "ff.net.0.proj": "x_block.mlp.fc1",
+    "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1",
+    "ff_context.net.2": "context_block.mlp.fc2",
 }
-MMDIT_TOP_RENAMES = {   # diffusers name -> ours, outside the blocks (module paths, or whole names)
-    "pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj",
-    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0", "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
-    "norm_out.linear": "final_layer.adaLN_modulation.1", "proj_out": "final_layer.linear",
+MMDIT_TOP_RENAMES = {  # diffusers name -> ours, outside the blocks (module paths, or whole names)
+    "pos_embed.pos_embed": "pos_embed",
+    "pos_embed.proj": "x_embedder.proj",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+    "proj_out": "final_layer.linear",
 }
+
 
 def mmdit_renames(to_diffusers: bool = False) -> list:
-    "(regex, replacement) rules over whole keys from diffusers' names to ours, or from ours to diffusers' with `to_diffusers`."
+    """(regex, replacement) rules over whole keys from diffusers' names to ours, or from ours to diffusers' with
+    `to_diffusers`."""
     top, block = list(MMDIT_TOP_RENAMES.items()), list(MMDIT_BLOCK_RENAMES.items())
     outer = ("transformer_blocks", "joint_blocks")
-    if to_diffusers: top, block, outer = [(b, a) for a, b in top], [(b, a) for a, b in block], outer[::-1]
-    return ([(rf"^{re.escape(src)}(?=\.|$)", dst) for src, dst in top]
-            + [(rf"^{outer[0]}\.(\d+)\.{re.escape(src)}\.", rf"{outer[1]}.\1.{dst}.") for src, dst in block])
+    if to_diffusers:
+        top, block, outer = [(b, a) for a, b in top], [(b, a) for a, b in block], outer[::-1]
+    return [(rf"^{re.escape(src)}(?=\.|$)", dst) for src, dst in top] + [
+        (rf"^{outer[0]}\.(\d+)\.{re.escape(src)}\.", rf"{outer[1]}.\1.{dst}.") for src, dst in block
+    ]
+
 
 MMDIT_RENAMES = mmdit_renames()
-
 
 # %% ../nbs/10_mmdit.ipynb #48567660
 def _swap_halves(state, key: str) -> torch.Tensor:
@@ -338,45 +478,62 @@ def _swap_halves(state, key: str) -> torch.Tensor:
     scale, shift = state[key].chunk(2, dim=0)
     return torch.cat([shift, scale], dim=0)
 
+
 def _fuse(state, keys: list) -> torch.Tensor:
     "The tensors state[k] for k in keys (q, k, v) concatenated along dim 0."
     return torch.cat([state[k] for k in keys], dim=0)
 
 # %% ../nbs/10_mmdit.ipynb #ad386bae
 def diffusers_to_mmdit(state) -> LazyStateDict:
-    "A diffusers SD3Transformer2DModel state (lazy) in our names: swap the halves of AdaLayerNormContinuous, rename with MMDIT_RENAMES, fuse q, k, v."
+    """A diffusers SD3Transformer2DModel state (lazy) in our names: swap the halves of AdaLayerNormContinuous, rename
+    with MMDIT_RENAMES, fuse q, k, v."""
     state = open_checkpoint(state)
     blocks = {int(m[1]) for k in state if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
     pre_only = {i for i in blocks if not any(k.startswith(f"transformer_blocks.{i}.ff_context.") for k in state)}
-    swap = {f"norm_out.linear.{w}" for w in ("weight", "bias")} | {f"transformer_blocks.{i}.norm1_context.linear.{w}" for i in pre_only for w in ("weight", "bias")}
+    swap = {f"norm_out.linear.{w}" for w in ("weight", "bias")} | {
+        f"transformer_blocks.{i}.norm1_context.linear.{w}" for i in pre_only for w in ("weight", "bias")
+    }
     getters = {k: partial(_swap_halves, state, k) if k in swap else partial(state.__getitem__, k) for k in state}
     state = rename_keys(LazyStateDict(getters, state.source), MMDIT_RENAMES)
     getters, parts = {}, {}
     for k in state:
-        if (m := re.fullmatch(r"(.*\.qkv)\.([qkv])\.(weight|bias)", k)): parts.setdefault(f"{m[1]}.{m[3]}", {})[m[2]] = k
-        else: getters[k] = partial(state.__getitem__, k)
+        if m := re.fullmatch(r"(.*\.qkv)\.([qkv])\.(weight|bias)", k):
+            parts.setdefault(f"{m[1]}.{m[3]}", {})[m[2]] = k
+        else:
+            getters[k] = partial(state.__getitem__, k)
     for name, p in parts.items():
-        if set(p) != {"q", "k", "v"}: raise CheckpointError(f"{state.source}: {name} needs q, k and v, found only {', '.join(sorted(p))}")
+        if set(p) != {"q", "k", "v"}:
+            raise CheckpointError(f"{state.source}: {name} needs q, k and v, found only {', '.join(sorted(p))}")
         getters[name] = partial(_fuse, state, [p["q"], p["k"], p["v"]])
     return LazyStateDict(getters, state.source)
 
 # %% ../nbs/10_mmdit.ipynb #090fac9d
 def mmdit_to_diffusers(state) -> dict:
-    "Our (original) MMDiT names -> diffusers' SD3Transformer2DModel state dict: split qkv, rename, swap the halves back."
+    """Our (original) MMDiT names -> diffusers' SD3Transformer2DModel state dict: split qkv, rename, swap the halves
+    back."""
     split = {}
     for k, v in dict(state).items():
-        if (m := re.fullmatch(r"(.*\.qkv)\.(weight|bias)", k)): split |= {f"{m[1]}.{n}.{m[2]}": t for n, t in zip("qkv", v.chunk(3))}
-        else: split[k] = v
+        if m := re.fullmatch(r"(.*\.qkv)\.(weight|bias)", k):
+            split |= {f"{m[1]}.{n}.{m[2]}": t for n, t in zip("qkv", v.chunk(3))}
+        else:
+            split[k] = v
     out = rename_keys(split, mmdit_renames(to_diffusers=True))
     depth = 1 + max(int(m[1]) for k in out if (m := re.match(r"transformer_blocks\.(\d+)\.", k)))
     for layer in ("norm_out.linear", f"transformer_blocks.{depth - 1}.norm1_context.linear"):
-        for w in ("weight", "bias"): out[f"{layer}.{w}"] = _swap_halves(out, f"{layer}.{w}")
+        for w in ("weight", "bias"):
+            out[f"{layer}.{w}"] = _swap_halves(out, f"{layer}.{w}")
     return out
 
+
 def save_mmdit(model: "MMDiT", folder, dtype: torch.dtype | None = None) -> Path:
-    "Write `model` as diffusers' transformer/ folder (config.json, diffusion_pytorch_model.safetensors), in `dtype` if given."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in mmdit_to_diffusers(model.state_dict()).items()}
+    """Write `model` as diffusers' transformer/ folder (config.json, diffusion_pytorch_model.safetensors), in `dtype` if
+    given."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+        for k, v in mmdit_to_diffusers(model.state_dict()).items()
+    }
     save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
     config = {"_class_name": "SD3Transformer2DModel", **to_diffusers_config(model.config)}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -384,63 +541,108 @@ def save_mmdit(model: "MMDiT", folder, dtype: torch.dtype | None = None) -> Path
 
 # %% ../nbs/10_mmdit.ipynb #ca9eea95
 def mmdit_state(source) -> LazyStateDict:
-    "An MMDiT's tensors in the original names from anything `open_checkpoint` opens: single file (with or without `model.diffusion_model.`), diffusers, or a state dict."
+    """An MMDiT's tensors in the original names from anything `open_checkpoint` opens: single file (with or without
+    `model.diffusion_model.`), diffusers, or a state dict."""
     state = open_checkpoint(source)
     prefix = component_prefix(state, None, ("mmdit",))
-    if prefix: state = strip_prefix(state, prefix)
-    if any(k.startswith("transformer_blocks.") for k in state): state = diffusers_to_mmdit(state)
+    if prefix:
+        state = strip_prefix(state, prefix)
+    if any(k.startswith("transformer_blocks.") for k in state):
+        state = diffusers_to_mmdit(state)
     if "x_embedder.proj.weight" not in state or not any(k.startswith("joint_blocks.") for k in state):
-        raise wrong_model_error(state, "an MMDiT (SD3 transformer)", "x_embedder.proj.weight and joint_blocks.* (Stability's layout) "
-                                "or pos_embed.proj.weight and transformer_blocks.* (diffusers)")
+        raise wrong_model_error(
+            state,
+            "an MMDiT (SD3 transformer)",
+            "x_embedder.proj.weight and joint_blocks.* (Stability's layout) "
+            "or pos_embed.proj.weight and transformer_blocks.* (diffusers)",
+        )
     return state
 
 # %% ../nbs/10_mmdit.ipynb #0c3b9a7f
 def mmdit_config(state, config_json: dict | None = None, **overrides) -> MMDiTConfig:
-    "An MMDiTConfig for `state` (original names): sizes from the shapes, heads = width/64 unless diffusers' `config_json` or `overrides` say otherwise."
+    """An MMDiTConfig for `state` (original names): sizes from the shapes, heads = width/64 unless diffusers'
+    `config_json` or `overrides` say otherwise."""
     D, C, p, _ = state["x_embedder.proj.weight"].shape
     blocks = sorted({int(m[1]) for k in state if (m := re.match(r"joint_blocks\.(\d+)\.", k))})
-    if blocks != list(range(len(blocks))): raise CheckpointError(f"The checkpoint's joint_blocks are numbered {blocks[:6]}...: expected 0, 1, ..., N-1")
-    found = dict(depth=len(blocks), hidden_size=D, patch_size=p, in_channels=C, out_channels=state["final_layer.linear.weight"].shape[0] // (p * p),
-                 context_dim=state["context_embedder.weight"].shape[1], pooled_dim=state["y_embedder.mlp.0.weight"].shape[1],
-                 mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / D, frequency_embedding_size=state["t_embedder.mlp.0.weight"].shape[1],
-                 qk_norm="rms" if "joint_blocks.0.x_block.attn.ln_q.weight" in state else None,
-                 attn2_layers=tuple(sorted({int(m[1]) for k in state if (m := re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.", k))})))
+    if blocks != list(range(len(blocks))):
+        raise CheckpointError(f"The checkpoint's joint_blocks are numbered {blocks[:6]}...: expected 0, 1, ..., N-1")
+    found = dict(
+        depth=len(blocks),
+        hidden_size=D,
+        patch_size=p,
+        in_channels=C,
+        out_channels=state["final_layer.linear.weight"].shape[0] // (p * p),
+        context_dim=state["context_embedder.weight"].shape[1],
+        pooled_dim=state["y_embedder.mlp.0.weight"].shape[1],
+        mlp_ratio=state["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / D,
+        frequency_embedding_size=state["t_embedder.mlp.0.weight"].shape[1],
+        qk_norm="rms" if "joint_blocks.0.x_block.attn.ln_q.weight" in state else None,
+        attn2_layers=tuple(
+            sorted({int(m[1]) for k in state if (m := re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.", k))})
+        ),
+    )
     if "pos_embed" in state:
         n = state["pos_embed"].shape[1]
         found["pos_embed_max_size"] = math.isqrt(n)
-        if math.isqrt(n) ** 2 != n: raise CheckpointError(f"pos_embed has {n} positions, not a square grid")
+        if math.isqrt(n) ** 2 != n:
+            raise CheckpointError(f"pos_embed has {n} positions, not a square grid")
     js = config_json or {}
-    if "num_attention_heads" in js: found["num_heads"] = js["num_attention_heads"]
-    if "sample_size" in js: found["sample_size"] = js["sample_size"]
-    if "pos_embed_max_size" in js: found.setdefault("pos_embed_max_size", js["pos_embed_max_size"])
+    if "num_attention_heads" in js:
+        found["num_heads"] = js["num_attention_heads"]
+    if "sample_size" in js:
+        found["sample_size"] = js["sample_size"]
+    if "pos_embed_max_size" in js:
+        found.setdefault("pos_embed_max_size", js["pos_embed_max_size"])
     found.update(overrides)
     if "num_heads" not in found:
-        if D % 64: raise CheckpointError(f"Cannot tell the number of heads of a {D}-wide MMDiT (not a multiple of 64) without a config.json: pass num_heads=")
+        if D % 64:
+            raise CheckpointError(
+                f"Cannot tell the number of heads of a {D}-wide MMDiT (not a multiple of 64) without a config.json: pass num_heads="
+            )
         found["num_heads"] = D // 64
-    if "pos_embed_max_size" not in found: raise CheckpointError("The checkpoint has no pos_embed and there is no config.json: pass pos_embed_max_size= (192 for SD3 and SD3.5 Large, 384 for SD3.5 Medium)")
+    if "pos_embed_max_size" not in found:
+        raise CheckpointError(
+            "The checkpoint has no pos_embed and there is no config.json: pass pos_embed_max_size= (192 for SD3 and "
+            "SD3.5 Large, 384 for SD3.5 Medium)"
+        )
     return MMDiTConfig(**found)
 
 # %% ../nbs/10_mmdit.ipynb #72aa0748
 def to_diffusers_config(config: MMDiTConfig) -> dict:
     "diffusers' SD3Transformer2DModel config (as in transformer/config.json) for `config`."
-    if config.mlp_ratio != 4 or config.frequency_embedding_size != 256: raise ValueError("diffusers' SD3Transformer2DModel has mlp_ratio 4 and 256 timestep features")
-    return dict(sample_size=config.sample_size, patch_size=config.patch_size, in_channels=config.in_channels, num_layers=config.depth,
-                attention_head_dim=config.head_dim, num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
-                caption_projection_dim=config.hidden_size, pooled_projection_dim=config.pooled_dim, out_channels=config.out_channels,
-                pos_embed_max_size=config.pos_embed_max_size, dual_attention_layers=list(config.attn2_layers),
-                qk_norm="rms_norm" if config.qk_norm else None)
+    if config.mlp_ratio != 4 or config.frequency_embedding_size != 256:
+        raise ValueError("diffusers' SD3Transformer2DModel has mlp_ratio 4 and 256 timestep features")
+    return dict(
+        sample_size=config.sample_size,
+        patch_size=config.patch_size,
+        in_channels=config.in_channels,
+        num_layers=config.depth,
+        attention_head_dim=config.head_dim,
+        num_attention_heads=config.num_heads,
+        joint_attention_dim=config.context_dim,
+        caption_projection_dim=config.hidden_size,
+        pooled_projection_dim=config.pooled_dim,
+        out_channels=config.out_channels,
+        pos_embed_max_size=config.pos_embed_max_size,
+        dual_attention_layers=list(config.attn2_layers),
+        qk_norm="rms_norm" if config.qk_norm else None,
+    )
 
 # %% ../nbs/10_mmdit.ipynb #95f0a8ef
 def _with_pos_embed(state: LazyStateDict, config: MMDiTConfig) -> LazyStateDict:
     "`state`, with the sin-cos position table of `config` added if it has none."
-    if "pos_embed" in state: return state
+    if "pos_embed" in state:
+        return state
     dtype = state["x_embedder.proj.weight"].dtype
-    table = lambda: sincos_pos_table(config.hidden_size, config.pos_embed_max_size, config.sample_size // config.patch_size)[None].to(dtype)
+    table = lambda: sincos_pos_table(
+        config.hidden_size, config.pos_embed_max_size, config.sample_size // config.patch_size
+    )[None].to(dtype)
     return state.with_tensors({"pos_embed": table})
 
 # %% ../nbs/10_mmdit.ipynb #8818b58d
 def load_mmdit(source, dtype: torch.dtype | None = None, device=None, **overrides) -> MMDiT:
-    "An MMDiT in eval mode from a diffusers folder (or a pipeline folder holding transformer/), an original single file (with or without `model.diffusion_model.`), or a state dict."
+    """An MMDiT in eval mode from a diffusers folder (or a pipeline folder holding transformer/), an original single
+    file (with or without `model.diffusion_model.`), or a state dict."""
     source = component_folder(source, "transformer")
     state = mmdit_state(source)
     config_json = read_config(source)
@@ -450,18 +652,25 @@ def load_mmdit(source, dtype: torch.dtype | None = None, device=None, **override
 # %% ../nbs/10_mmdit.ipynb #bf07a5e6
 def check_modulate(fn, **kwargs) -> bool:
     "Check an implementation of `modulate(x, shift, scale)` on hidden cases; prints which case failed."
-    cases = [Case("one sample, three tokens", (randn((1, 3, 4), seed=0), randn((1, 4), seed=1), randn((1, 4), seed=2))),
-             Case("zero shift and scale: unchanged", (randn((2, 5, 8), seed=3), torch.zeros(2, 8), torch.zeros(2, 8))),
-             Case("batch 4 of 4 tokens (B = L)", (randn((4, 4, 6), seed=4), randn((4, 6), seed=5), randn((4, 6), seed=6))),
-             Case("batch 2, 7 tokens, scale -1 (all zeros but the shift)", (randn((2, 7, 3), seed=7), randn((2, 3), seed=8), -torch.ones(2, 3)))]
+    cases = [
+        Case("one sample, three tokens", (randn((1, 3, 4), seed=0), randn((1, 4), seed=1), randn((1, 4), seed=2))),
+        Case("zero shift and scale: unchanged", (randn((2, 5, 8), seed=3), torch.zeros(2, 8), torch.zeros(2, 8))),
+        Case("batch 4 of 4 tokens (B = L)", (randn((4, 4, 6), seed=4), randn((4, 6), seed=5), randn((4, 6), seed=6))),
+        Case(
+            "batch 2, 7 tokens, scale -1 (all zeros but the shift)",
+            (randn((2, 7, 3), seed=7), randn((2, 3), seed=8), -torch.ones(2, 3)),
+        ),
+    ]
     return run_checks(fn, modulate, cases, name="modulate", **kwargs)
 
 # %% ../nbs/10_mmdit.ipynb #a02e9f26
 def check_joint_block_params(fn, **kwargs) -> bool:
     "Check an implementation of `joint_block_params(config, index)` on hidden cases; prints which case failed."
-    cases = [Case("SD3 Medium, block 0", (MMDiTConfig.sd3_medium(), 0)),
-             Case("SD3.5 Large, a middle block", (MMDiTConfig.sd35_large(), 17)),
-             Case("SD3.5 Medium, an MMDiT-X block", (MMDiTConfig.sd35_medium(), 12)),
-             Case("SD3.5 Medium, the last block", (MMDiTConfig.sd35_medium(), 23)),
-             Case("the tiny config, the last block", (MMDiTConfig.tiny(), 2))]
+    cases = [
+        Case("SD3 Medium, block 0", (MMDiTConfig.sd3_medium(), 0)),
+        Case("SD3.5 Large, a middle block", (MMDiTConfig.sd35_large(), 17)),
+        Case("SD3.5 Medium, an MMDiT-X block", (MMDiTConfig.sd35_medium(), 12)),
+        Case("SD3.5 Medium, the last block", (MMDiTConfig.sd35_medium(), 23)),
+        Case("the tiny config, the last block", (MMDiTConfig.tiny(), 2)),
+    ]
     return run_checks(fn, joint_block_params, cases, name="joint_block_params", **kwargs)

@@ -44,55 +44,106 @@ from .vae import LatentFormat, latent_shape, load_vae, save_vae
 
 # %% ../nbs/11_pipeline.ipynb #795589cb
 def join_text_states(clip_l: torch.Tensor, clip_g: torch.Tensor, t5: torch.Tensor) -> torch.Tensor:
-    "SD3's context: CLIP-L | CLIP-G states (B, 77, dl + dg) zero-padded to T5's width D, then T5's states (B, L, D) appended along the sequence -> (B, 77 + L, D)."
-    lg = torch.cat([clip_l, clip_g], dim=-1)                                    # (B, 77, dl + dg)
-    if lg.shape[-1] > t5.shape[-1]: raise ValueError(f"The CLIP states are {lg.shape[-1]} channels wide together, wider than the {t5.shape[-1]} channels of the T5 states they are padded to")
-    if lg.shape[0] != t5.shape[0]: raise ValueError(f"Batch sizes differ: {lg.shape[0]} CLIP rows, {t5.shape[0]} T5 rows")
-    lg = F.pad(lg, (0, t5.shape[-1] - lg.shape[-1]))                             # (B, 77, D)
-    return torch.cat([lg, t5.to(lg.dtype)], dim=-2)                              # (B, 77 + L, D)
+    """SD3's context: CLIP-L | CLIP-G states (B, 77, dl + dg) zero-padded to T5's width D, then T5's states (B, L, D)
+    appended along the sequence -> (B, 77 + L, D)."""
+    lg = torch.cat([clip_l, clip_g], dim=-1)  # (B, 77, dl + dg)
+    if lg.shape[-1] > t5.shape[-1]:
+        raise ValueError(
+            f"The CLIP states are {lg.shape[-1]} channels wide together, wider than the {t5.shape[-1]} channels of the T5 states they are padded to"
+        )
+    if lg.shape[0] != t5.shape[0]:
+        raise ValueError(f"Batch sizes differ: {lg.shape[0]} CLIP rows, {t5.shape[0]} T5 rows")
+    lg = F.pad(lg, (0, t5.shape[-1] - lg.shape[-1]))  # (B, 77, D)
+    return torch.cat([lg, t5.to(lg.dtype)], dim=-2)  # (B, 77 + L, D)
 
 # %% ../nbs/11_pipeline.ipynb #83ff4ee7
 def tokenize(tokenizer, texts: list, max_length: int, name: str) -> torch.Tensor:
-    "tokenizer(texts, max_length=max_length), ids (B, max_length); warns, naming the encoder and the first token it ignores, for each text the tokenizer cut."
-    ids = tokenizer(texts, max_length=max_length)                                # (B, max_length)
-    roomier = tokenizer(texts, max_length=max_length + 1)[:, :max_length]         # a text that fits gains only padding from one more position
+    """tokenizer(texts, max_length=max_length), ids (B, max_length); warns, naming the encoder and the first token it
+    ignores, for each text the tokenizer cut."""
+    ids = tokenizer(texts, max_length=max_length)  # (B, max_length)
+    roomier = tokenizer(texts, max_length=max_length + 1)[
+        :, :max_length
+    ]  # a text that fits gains only padding from one more position
     for text, cut, first_ignored in zip(texts, (ids != roomier).any(dim=1), roomier[:, -1].tolist()):
-        if cut: warnings.warn(f"{name} reads {max_length} tokens, its special tokens included: it ignores the end of the prompt "
-                              f"{text if len(text) <= 50 else text[:47] + '...'!r}, from {tokenizer.decode([first_ignored])!r} on", stacklevel=2)
+        if cut:
+            warnings.warn(
+                f"{name} reads {max_length} tokens, its special tokens included: it ignores the end of the prompt "
+                f"{text if len(text) <= 50 else text[:47] + '...'!r}, from {tokenizer.decode([first_ignored])!r} on",
+                stacklevel=2,
+            )
     return ids
 
 # %% ../nbs/11_pipeline.ipynb #896f5238
 def as_texts(texts, n: int | None = None, what: str = "prompt") -> list:
-    "A list of strings from a string (repeated `n` times when n is given) or a list of strings (of length n when given)."
-    if isinstance(texts, str): return [texts] * (n or 1)
+    """A list of strings from a string (repeated `n` times when n is given) or a list of strings (of length n when
+    given)."""
+    if isinstance(texts, str):
+        return [texts] * (n or 1)
     if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
         raise TypeError(f"{what} must be a string or a list of strings, got {type(texts).__name__}")
-    if not texts: raise ValueError(f"{what} is an empty list: give at least one string (an empty string is a valid prompt)")
-    if n is not None and len(texts) != n: raise ValueError(f"{what} has {len(texts)} strings but the prompt has {n}: give one per prompt, or a single string")
+    if not texts:
+        raise ValueError(f"{what} is an empty list: give at least one string (an empty string is a valid prompt)")
+    if n is not None and len(texts) != n:
+        raise ValueError(
+            f"{what} has {len(texts)} strings but the prompt has {n}: give one per prompt, or a single string"
+        )
     return list(texts)
 
 # %% ../nbs/11_pipeline.ipynb #2d7a65f6
 class SD3Pipeline:
     "SD3 / SD3.5 text-to-image and image-to-image from the book's parts: `pipe(prompt, ...)` -> list of PIL images."
-    def __init__(self, mmdit, vae, clip_l, clip_g, tokenizer_l, tokenizer_g, t5=None, tokenizer_t5=None, shift: float = 3.0,
-                 latent_format: LatentFormat | None = None, name: str | None = None, recommended: dict | None = None):
-        if (t5 is None) != (tokenizer_t5 is None): raise ValueError("Pass the T5 encoder and its tokenizer together, or neither (SD3 then gives the MMDiT zeros in place of T5's tokens)")
+
+    def __init__(
+        self,
+        mmdit,
+        vae,
+        clip_l,
+        clip_g,
+        tokenizer_l,
+        tokenizer_g,
+        t5=None,
+        tokenizer_t5=None,
+        shift: float = 3.0,
+        latent_format: LatentFormat | None = None,
+        name: str | None = None,
+        recommended: dict | None = None,
+    ):
+        if (t5 is None) != (tokenizer_t5 is None):
+            raise ValueError(
+                "Pass the T5 encoder and its tokenizer together, or neither (SD3 then gives the MMDiT zeros in place "
+                "of T5's tokens)"
+            )
         self.mmdit, self.vae, self.clip_l, self.clip_g, self.t5 = mmdit, vae, clip_l, clip_g, t5
         self.tokenizer_l, self.tokenizer_g, self.tokenizer_t5 = tokenizer_l, tokenizer_g, tokenizer_t5
-        self.latent_format = vae.config.latent_format if latent_format is None else latent_format    # SD3: scale 1.5305, shift 0.0609
+        # SD3: scale 1.5305, shift 0.0609
+        self.latent_format = (vae.config.latent_format if latent_format is None else latent_format)
         self.shift, self.name = float(shift), name
-        self.recommended = dict(recommended or {})          # pipe(...) settings for this model (section 8); unset arguments take them
+        # pipe(...) settings for this model (section 8); unset arguments take them
+        self.recommended = dict(recommended or {})
         self.device, self.offload_device = model_device(mmdit), None
 
     @property
     def modules(self) -> dict:
         "The networks by name (T5 only when there is one)."
-        return {k: m for k, m in [("clip_l", self.clip_l), ("clip_g", self.clip_g), ("t5", self.t5), ("mmdit", self.mmdit), ("vae", self.vae)] if m is not None}
+        return {
+            k: m
+            for k, m in [
+                ("clip_l", self.clip_l),
+                ("clip_g", self.clip_g),
+                ("t5", self.t5),
+                ("mmdit", self.mmdit),
+                ("vae", self.vae),
+            ]
+            if m is not None
+        }
 
     @property
-    def dtype(self) -> torch.dtype: return next(self.mmdit.parameters()).dtype
+    def dtype(self) -> torch.dtype:
+        return next(self.mmdit.parameters()).dtype
+
     @property
-    def vae_scale_factor(self) -> int: return self.vae.config.downsample_factor      # 8: pixels per latent position
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downsample_factor  # 8: pixels per latent position
 
     def __repr__(self):
         sizes = ", ".join(f"{k} {num_params(m) / 1e6:.1f}M" for k, m in self.modules.items())
@@ -101,71 +152,95 @@ class SD3Pipeline:
 # %% ../nbs/11_pipeline.ipynb #f4b01571
 @contextmanager
 def on_device(module: torch.nn.Module, device, offload_device=None):
-    "Run a block with `module` on `device`; when `offload_device` is given, move it there first and back to `offload_device` afterwards (even on error)."
+    """Run a block with `module` on `device`; when `offload_device` is given, move it there first and back to
+    `offload_device` afterwards (even on error)."""
     if offload_device is None:
         yield module
         return
     module.to(device)
-    try: yield module
-    finally: module.to(offload_device)
+    try:
+        yield module
+    finally:
+        module.to(offload_device)
 
 # %% ../nbs/11_pipeline.ipynb #75ffb43b
 def _on(self, module):
     "on_device for this pipeline: `module` on the execution device while the block runs."
     return on_device(module, self.device, self.offload_device)
 
+
 def _run_clip(self, model, tokenizer, texts: list, name: str):
-    "A CLIP encoder's CLIPOutput for `texts`, as many tokens each as its position table holds (77; long prompts cut with a warning)."
+    """A CLIP encoder's CLIPOutput for `texts`, as many tokens each as its position table holds (77; long prompts cut
+    with a warning)."""
     ids = tokenize(tokenizer, texts, model.config.max_position_embeddings, name)
-    with self._on(model): return model(ids.to(self.device))
+    with self._on(model):
+        return model(ids.to(self.device))
+
 
 def _run_t5(self, texts: list, max_sequence_length: int) -> torch.Tensor:
     "T5's states (B, max_sequence_length, D) for `texts`, or zeros of that shape when the pipeline has no T5."
-    if self.t5 is None: return torch.zeros(len(texts), max_sequence_length, self.mmdit.config.context_dim, device=self.device)
+    if self.t5 is None:
+        return torch.zeros(len(texts), max_sequence_length, self.mmdit.config.context_dim, device=self.device)
     ids = tokenize(self.tokenizer_t5, texts, max_sequence_length, "T5")
-    with self._on(self.t5): return self.t5(ids.to(self.device))
+    with self._on(self.t5):
+        return self.t5(ids.to(self.device))
+
 
 SD3Pipeline._on, SD3Pipeline._run_clip, SD3Pipeline._run_t5 = _on, _run_clip, _run_t5
 
 # %% ../nbs/11_pipeline.ipynb #8266db05
 def _encode_prompt(self, prompt, prompt_2=None, prompt_3=None, max_sequence_length: int = 256) -> tuple:
-    "SD3's conditioning for `prompt` (a string or list; `prompt_2` for CLIP-G and `prompt_3` for T5 default to it): context (B, 77 + max_sequence_length, D) and pooled (B, P), fp32."
+    """SD3's conditioning for `prompt` (a string or list; `prompt_2` for CLIP-G and `prompt_3` for T5 default to it):
+    context (B, 77 + max_sequence_length, D) and pooled (B, P), fp32."""
     texts = as_texts(prompt)
     l = self._run_clip(self.clip_l, self.tokenizer_l, texts, "CLIP-L")
     g = self._run_clip(self.clip_g, self.tokenizer_g, as_texts(prompt_2 or prompt, len(texts), "prompt_2"), "CLIP-G")
     t5 = self._run_t5(as_texts(prompt_3 or prompt, len(texts), "prompt_3"), max_sequence_length)
-    context = join_text_states(l.penultimate_hidden_state.float(), g.penultimate_hidden_state.float(), t5.float())   # (B, 77 + L, D)
-    return context, torch.cat([l.pooled, g.pooled], dim=-1).float()                                                # (B, P_l + P_g)
+    # (B, 77 + L, D)
+    context = join_text_states(l.penultimate_hidden_state.float(), g.penultimate_hidden_state.float(), t5.float())
+    return context, torch.cat([l.pooled, g.pooled], dim=-1).float()  # (B, P_l + P_g)
+
 
 SD3Pipeline.encode_prompt = _encode_prompt
 
 # %% ../nbs/11_pipeline.ipynb #9671f3b4
 def _latent_shape(self, batch: int, height: int, width: int) -> tuple:
-    "(B, C, h, w) of the latents of `batch` height x width pictures (chapter 8's latent_shape); a clear error unless the sides are multiples of 8 x patch size."
+    """(B, C, h, w) of the latents of `batch` height x width pictures (chapter 8's latent_shape); a clear error unless
+    the sides are multiples of 8 x patch size."""
     shape = latent_shape(height, width, self.vae.config, batch)
     p = self.mmdit.config.patch_size
     for name, n, side in (("height", height, shape[2]), ("width", width, shape[3])):
         if side % p:
             f = self.vae_scale_factor * p
-            raise ValueError(f"{name}={n}: the picture's sides must be positive multiples of {f} (the VAE divides by {self.vae_scale_factor}, the MMDiT's patches by {p}); "
-                             f"try {max(f, n // f * f)} or {(n // f + 1) * f}")
+            raise ValueError(
+                f"{name}={n}: the picture's sides must be positive multiples of {f} (the VAE divides by {self.vae_scale_factor}, the MMDiT's patches by {p}); "
+                f"try {max(f, n // f * f)} or {(n // f + 1) * f}"
+            )
     return shape
 
+
 def _scheduler(self, num_inference_steps: int, shift: float | None = None) -> FlowMatchEulerScheduler:
-    "Chapter 2's scheduler with `shift` (default: the model's, from its scheduler config), set to `num_inference_steps` (which it checks): .timesteps (N,), .sigmas (N+1,)."
-    return FlowMatchEulerScheduler(shift=self.shift if shift is None else float(shift)).set_timesteps(num_inference_steps)
+    """Chapter 2's scheduler with `shift` (default: the model's, from its scheduler config), set to
+    `num_inference_steps` (which it checks): .timesteps (N,), .sigmas (N+1,)."""
+    return FlowMatchEulerScheduler(shift=self.shift if shift is None else float(shift)).set_timesteps(
+        num_inference_steps
+    )
+
 
 SD3Pipeline.latent_shape, SD3Pipeline.scheduler = _latent_shape, _scheduler
 
 # %% ../nbs/11_pipeline.ipynb #76ec3704
 def classifier_free_guidance(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    "v_uncond + scale * (v_cond - v_uncond): scale 1 gives the conditional prediction, larger scales extrapolate away from the unconditional one."
+    """v_uncond + scale * (v_cond - v_uncond): scale 1 gives the conditional prediction, larger scales extrapolate away
+    from the unconditional one."""
     return v_uncond + scale * (v_cond - v_uncond)
 
 # %% ../nbs/11_pipeline.ipynb #2971266c
 @dataclass(frozen=True)
 class SkipLayerGuidance:
-    "Skip-layer guidance: on steps i with start*N < i < stop*N, add scale * (v_cond - v_cond with `layers` skipped); defaults are Stability's for SD3.5 Medium."
+    """Skip-layer guidance: on steps i with start*N < i < stop*N, add scale * (v_cond - v_cond with `layers` skipped);
+    defaults are Stability's for SD3.5 Medium."""
+
     layers: tuple = (7, 8, 9)
     scale: float = 2.5
     start: float = 0.01
@@ -173,271 +248,498 @@ class SkipLayerGuidance:
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-        if not self.layers: raise ValueError("SkipLayerGuidance needs at least one layer to skip")
-        if not 0 <= self.start <= self.stop <= 1: raise ValueError(f"Need 0 <= start <= stop <= 1 (fractions of the steps), got start={self.start}, stop={self.stop}")
+        if not self.layers:
+            raise ValueError("SkipLayerGuidance needs at least one layer to skip")
+        if not 0 <= self.start <= self.stop <= 1:
+            raise ValueError(
+                f"Need 0 <= start <= stop <= 1 (fractions of the steps), got start={self.start}, stop={self.stop}"
+            )
 
     def active(self, i: int, n: int) -> bool:
-        "Whether step i of n uses skip-layer guidance (both bounds strict, as in Stability's SkipLayerCFGDenoiser and diffusers)."
+        """Whether step i of n uses skip-layer guidance (both bounds strict, as in Stability's SkipLayerCFGDenoiser and
+        diffusers)."""
         return self.scale != 0 and self.start * n < i < self.stop * n
 
 # %% ../nbs/11_pipeline.ipynb #98c89550
-def _velocity(self, x: torch.Tensor, t: torch.Tensor, cond: tuple, uncond: tuple | None = None, guidance_scale: float = 1.0,
-             skip: SkipLayerGuidance | None = None) -> torch.Tensor:
-    "The velocity (B, C, h, w) at latents x and timestep t for cond = (context, pooled); guided when `uncond` is given (one batch of 2B), plus skip-layer guidance when `skip` is given."
+def _velocity(
+    self,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: tuple,
+    uncond: tuple | None = None,
+    guidance_scale: float = 1.0,
+    skip: SkipLayerGuidance | None = None,
+) -> torch.Tensor:
+    """The velocity (B, C, h, w) at latents x and timestep t for cond = (context, pooled); guided when `uncond` is given
+    (one batch of 2B), plus skip-layer guidance when `skip` is given."""
+
     def run(x, context, pooled, skip_layers=()):
         return self.mmdit(x, t.expand(x.shape[0]).to(self.device), context, pooled, skip_layers=skip_layers).float()
-    if uncond is None: return run(x, *cond)
+
+    if uncond is None:
+        return run(x, *cond)
     v_uncond, v_cond = run(torch.cat([x, x]), torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]])).chunk(2)
     v = classifier_free_guidance(v_uncond, v_cond, guidance_scale)
-    if skip is not None: v = v + (v_cond - run(x, *cond, skip_layers=skip.layers)) * skip.scale
+    if skip is not None:
+        v = v + (v_cond - run(x, *cond, skip_layers=skip.layers)) * skip.scale
     return v
+
 
 SD3Pipeline.velocity = _velocity
 
 # %% ../nbs/11_pipeline.ipynb #14da69b3
-SAMPLERS = ("euler", "dpmpp_2m")   # Euler is chapter 2's `euler_step`
+SAMPLERS = ("euler", "dpmpp_2m")  # Euler is chapter 2's `euler_step`
+
 
 def dpmpp_2m_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, previous: tuple | None = None) -> tuple:
-    "One DPM-Solver++(2M) step from `sigma` to `sigma_next` with velocity v; `previous` is the (sigma, x0) this returns for the step before. Returns (x_next, (sigma, x0))."
+    """One DPM-Solver++(2M) step from `sigma` to `sigma_next` with velocity v; `previous` is the (sigma, x0) this
+    returns for the step before. Returns (x_next, (sigma, x0))."""
     sigma, sigma_next = float(sigma), float(sigma_next)
-    x0 = x - sigma * v                                                           # the denoised estimate
-    if sigma_next == 0: return x0, (sigma, x0)
+    x0 = x - sigma * v  # the denoised estimate
+    if sigma_next == 0:
+        return x0, (sigma, x0)
     d = x0
     if previous is not None:
-        r = math.log(previous[0] / sigma) / math.log(sigma / sigma_next)         # h_{i-1} / h_i
+        r = math.log(previous[0] / sigma) / math.log(sigma / sigma_next)  # h_{i-1} / h_i
         d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous[1]
     return (sigma_next / sigma) * x + (1 - sigma_next / sigma) * d, (sigma, x0)
 
 # %% ../nbs/11_pipeline.ipynb #e5f42c6c
-def sample_flow(velocity, x: torch.Tensor, sigmas: torch.Tensor, sampler: str = "euler", callback=None, progress: bool = True) -> torch.Tensor:
-    "Integrate dx/dσ = velocity(x, i) through the N+1 levels `sigmas` with `sampler` ('euler' or 'dpmpp_2m'); `callback(i, x_next, x0)` after each step may return new latents."
-    if sampler not in SAMPLERS: raise ValueError(f"Unknown sampler {sampler!r}: expected one of {SAMPLERS}")
+def sample_flow(
+    velocity, x: torch.Tensor, sigmas: torch.Tensor, sampler: str = "euler", callback=None, progress: bool = True
+) -> torch.Tensor:
+    """Integrate dx/dσ = velocity(x, i) through the N+1 levels `sigmas` with `sampler` ('euler' or 'dpmpp_2m');
+    `callback(i, x_next, x0)` after each step may return new latents."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}: expected one of {SAMPLERS}")
     previous = None
     for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc=sampler, unit="step"):
         v = velocity(x, i)
-        if sampler == "euler": x_next = euler_step(x, v, sigmas[i], sigmas[i + 1])
-        else: x_next, previous = dpmpp_2m_step(x, v, sigmas[i], sigmas[i + 1], previous)
-        if callback is not None and (replaced := callback(i, x_next, x - sigmas[i] * v)) is not None: x_next = replaced
+        if sampler == "euler":
+            x_next = euler_step(x, v, sigmas[i], sigmas[i + 1])
+        else:
+            x_next, previous = dpmpp_2m_step(x, v, sigmas[i], sigmas[i + 1], previous)
+        if callback is not None and (replaced := callback(i, x_next, x - sigmas[i] * v)) is not None:
+            x_next = replaced
         x = x_next
     return x
 
 # %% ../nbs/11_pipeline.ipynb #3b97de59
 OUTPUT_TYPES = ("pil", "pt", "latent")
 
+
 def _decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
-    "Pictures from normalised latents (B, C, h, w): a list of PIL images ('pil'), a tensor (B, 3, H, W) in [0, 1] ('pt'), or the latents unchanged ('latent')."
-    if output_type not in OUTPUT_TYPES: raise ValueError(f"Unknown output_type {output_type!r}: expected one of {OUTPUT_TYPES}")
-    if output_type == "latent": return latents
-    z = self.latent_format.denormalize(latents)                                          # back to the VAE's own space
-    with self._on(self.vae): images = self.vae.decode(z.to(self.device, self.vae.dtype)).float()      # (B, 3, H, W) in [-1, 1]
-    if output_type == "pt": return (images / 2 + 0.5).clamp(0, 1).cpu()
+    """Pictures from normalised latents (B, C, h, w): a list of PIL images ('pil'), a tensor (B, 3, H, W) in [0, 1]
+    ('pt'), or the latents unchanged ('latent')."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"Unknown output_type {output_type!r}: expected one of {OUTPUT_TYPES}")
+    if output_type == "latent":
+        return latents
+    z = self.latent_format.denormalize(latents)  # back to the VAE's own space
+    with self._on(self.vae):
+        images = self.vae.decode(z.to(self.device, self.vae.dtype)).float()  # (B, 3, H, W) in [-1, 1]
+    if output_type == "pt":
+        return (images / 2 + 0.5).clamp(0, 1).cpu()
     return tensor_to_pil(images.cpu())
+
 
 SD3Pipeline.decode_latents = _decode_latents
 
 # %% ../nbs/11_pipeline.ipynb #1dd3d45d
 def image_tensor(image, height: int, width: int) -> torch.Tensor:
-    "(B, 3, height, width) in [-1, 1] from a PIL image or a list of them (resized with Lanczos if needed) or a tensor (3, H, W) / (B, 3, H, W) in [-1, 1] of that size."
+    """(B, 3, height, width) in [-1, 1] from a PIL image or a list of them (resized with Lanczos if needed) or a tensor
+    (3, H, W) / (B, 3, H, W) in [-1, 1] of that size."""
     if isinstance(image, torch.Tensor):
         x = image[None] if image.ndim == 3 else image
-        if x.ndim != 4 or x.shape[1] != 3: raise ValueError(f"An image tensor must be (3, H, W) or (B, 3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
-        if tuple(x.shape[-2:]) != (height, width): raise ValueError(f"The image tensor is {x.shape[-2]} x {x.shape[-1]} but height x width is {height} x {width}: resize it or pass its size")
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(
+                f"An image tensor must be (3, H, W) or (B, 3, H, W) in [-1, 1], got shape {tuple(image.shape)}"
+            )
+        if tuple(x.shape[-2:]) != (height, width):
+            raise ValueError(
+                f"The image tensor is {x.shape[-2]} x {x.shape[-1]} but height x width is {height} x {width}: resize it or pass its size"
+            )
         return x.float()
-    resized = lambda im: im.resize((width, height), Image.LANCZOS) if isinstance(im, Image.Image) else im    # at the same size: a copy
-    x = pil_to_tensor([resized(im) for im in image] if isinstance(image, (list, tuple)) else resized(image))  # chapter 0's checks, RGB conversion
+    # at the same size: a copy
+    resized = lambda im: (im.resize((width, height), Image.LANCZOS) if isinstance(im, Image.Image) else im)
+    # chapter 0's checks, RGB conversion
+    x = pil_to_tensor([resized(im) for im in image] if isinstance(image, (list, tuple)) else resized(image))
     return x if x.ndim == 4 else x[None]
 
+
 def _encode_image(self, image, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
-    "Normalised latents (B, C, h, w) of `image` (see image_tensor), sampled from the VAE's posterior with the CPU `generator`."
+    """Normalised latents (B, C, h, w) of `image` (see image_tensor), sampled from the VAE's posterior with the CPU
+    `generator`."""
     x = image_tensor(image, height, width)
-    with self._on(self.vae): z = self.vae.encode(x.to(self.device, self.vae.dtype)).sample(generator)
+    with self._on(self.vae):
+        z = self.vae.encode(x.to(self.device, self.vae.dtype)).sample(generator)
     return self.latent_format.normalize(z.float())
+
 
 SD3Pipeline.encode_image = _encode_image
 
 # %% ../nbs/11_pipeline.ipynb #82bbdfad
-def _initial_latents(self, batch: int, height: int, width: int, generator: torch.Generator, latents=None, image=None,
-                    scheduler: FlowMatchEulerScheduler | None = None, timestep=None) -> torch.Tensor:
-    "Starting latents (B, C, h, w) in fp32: `latents` or noise from `generator`; with `image`, its encoding noised to `timestep` of `scheduler` with that noise."
+def _initial_latents(
+    self,
+    batch: int,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    latents=None,
+    image=None,
+    scheduler: FlowMatchEulerScheduler | None = None,
+    timestep=None,
+) -> torch.Tensor:
+    """Starting latents (B, C, h, w) in fp32: `latents` or noise from `generator`; with `image`, its encoding noised to
+    `timestep` of `scheduler` with that noise."""
     shape = self.latent_shape(batch, height, width)
-    x0 = None if image is None else self.encode_image(image, height, width, generator)             # first draw: the posterior sample
+    # first draw: the posterior sample
+    x0 = (None if image is None else self.encode_image(image, height, width, generator))
     if x0 is not None and x0.shape[0] != batch:
-        if batch % x0.shape[0]: raise ValueError(f"{x0.shape[0]} images cannot be shared among {batch} prompts: give one image, or one per prompt")
+        if batch % x0.shape[0]:
+            raise ValueError(
+                f"{x0.shape[0]} images cannot be shared among {batch} prompts: give one image, or one per prompt"
+            )
         x0 = x0.repeat(batch // x0.shape[0], 1, 1, 1)
-    if latents is not None and tuple(latents.shape) != shape: raise ValueError(f"latents has shape {tuple(latents.shape)}, expected {shape} for {batch} prompt(s) at {height} x {width}")
-    noise = randn(shape, generator=generator, device=self.device) if latents is None else latents.to(self.device, torch.float32)
+    if latents is not None and tuple(latents.shape) != shape:
+        raise ValueError(
+            f"latents has shape {tuple(latents.shape)}, expected {shape} for {batch} prompt(s) at {height} x {width}"
+        )
+    noise = (
+        randn(shape, generator=generator, device=self.device)
+        if latents is None
+        else latents.to(self.device, torch.float32)
+    )
     return noise if x0 is None else scheduler.scale_noise(x0, timestep, noise)
+
 
 SD3Pipeline.initial_latents = _initial_latents
 
 # %% ../nbs/11_pipeline.ipynb #91a24df4
-DEFAULT_SETTINGS = dict(height=1024, width=1024, num_inference_steps=28, guidance_scale=7.0, sampler="euler", shift=None,
-                        skip_layer_guidance=None, max_sequence_length=256)
+DEFAULT_SETTINGS = dict(
+    height=1024,
+    width=1024,
+    num_inference_steps=28,
+    guidance_scale=7.0,
+    sampler="euler",
+    shift=None,
+    skip_layer_guidance=None,
+    max_sequence_length=256,
+)
+
 
 def _settings(self, **given) -> dict:
-    "The settings of a call: DEFAULT_SETTINGS, then the model's `recommended`, then the `given` ones that are not None (skip_layer_guidance=False: off)."
+    """The settings of a call: DEFAULT_SETTINGS, then the model's `recommended`, then the `given` ones that are not None
+    (skip_layer_guidance=False: off)."""
     unknown = set(given) - set(DEFAULT_SETTINGS)
-    if unknown: raise TypeError(f"Unknown settings {sorted(unknown)}: expected some of {sorted(DEFAULT_SETTINGS)}")
-    out = {**DEFAULT_SETTINGS, "shift": self.shift, **self.recommended, **{k: v for k, v in given.items() if v is not None}}
-    if out["skip_layer_guidance"] is False: out["skip_layer_guidance"] = None
+    if unknown:
+        raise TypeError(f"Unknown settings {sorted(unknown)}: expected some of {sorted(DEFAULT_SETTINGS)}")
+    out = {
+        **DEFAULT_SETTINGS,
+        "shift": self.shift,
+        **self.recommended,
+        **{k: v for k, v in given.items() if v is not None},
+    }
+    if out["skip_layer_guidance"] is False:
+        out["skip_layer_guidance"] = None
     return out
+
 
 SD3Pipeline.settings = _settings
 
 # %% ../nbs/11_pipeline.ipynb #e4580304
 def _check_call(self, output_type: str, sampler: str, max_sequence_length: int) -> None:
     "Errors for the arguments of __call__ that nothing downstream checks."
-    if output_type not in OUTPUT_TYPES: raise ValueError(f"Unknown output_type {output_type!r}: expected one of {OUTPUT_TYPES}")
-    if sampler not in SAMPLERS: raise ValueError(f"Unknown sampler {sampler!r}: expected one of {SAMPLERS}")
-    low = 0 if self.t5 is None else 1                                  # T5 needs room for its EOS; without T5, 0 rows is allowed
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"Unknown output_type {output_type!r}: expected one of {OUTPUT_TYPES}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}: expected one of {SAMPLERS}")
+    low = 0 if self.t5 is None else 1  # T5 needs room for its EOS; without T5, 0 rows is allowed
     if not isinstance(max_sequence_length, int) or not low <= max_sequence_length <= 512:
-        raise ValueError(f"max_sequence_length must be an integer in {low} ... 512 (T5 tokens), got {max_sequence_length!r}")
+        raise ValueError(
+            f"max_sequence_length must be an integer in {low} ... 512 (T5 tokens), got {max_sequence_length!r}"
+        )
+
 
 @torch.no_grad()
-def __call__(self, prompt, negative_prompt="", height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
-             guidance_scale: float | None = None, seed: int | None = None, latents: torch.Tensor | None = None, output_type: str = "pil", *,
-             prompt_2=None, prompt_3=None, negative_prompt_2=None, negative_prompt_3=None, image=None, strength: float = 0.6,
-             sampler: str | None = None, shift: float | None = None, skip_layer_guidance: SkipLayerGuidance | bool | None = None,
-             max_sequence_length: int | None = None, callback=None, progress: bool = True):
-    "Pictures for `prompt` (a string or a list): text-to-image, or image-to-image from `image` with `strength`; settings left None come from `settings`."
-    s = self.settings(height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
-                      shift=shift, skip_layer_guidance=skip_layer_guidance, max_sequence_length=max_sequence_length)
+def __call__(
+    self,
+    prompt,
+    negative_prompt="",
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int | None = None,
+    latents: torch.Tensor | None = None,
+    output_type: str = "pil",
+    *,
+    prompt_2=None,
+    prompt_3=None,
+    negative_prompt_2=None,
+    negative_prompt_3=None,
+    image=None,
+    strength: float = 0.6,
+    sampler: str | None = None,
+    shift: float | None = None,
+    skip_layer_guidance: SkipLayerGuidance | bool | None = None,
+    max_sequence_length: int | None = None,
+    callback=None,
+    progress: bool = True,
+):
+    """Pictures for `prompt` (a string or a list): text-to-image, or image-to-image from `image` with `strength`;
+    settings left None come from `settings`."""
+    s = self.settings(
+        height=height,
+        width=width,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        sampler=sampler,
+        shift=shift,
+        skip_layer_guidance=skip_layer_guidance,
+        max_sequence_length=max_sequence_length,
+    )
     self._check_call(output_type, s["sampler"], s["max_sequence_length"])
     texts = as_texts(prompt)
     self.latent_shape(len(texts), s["height"], s["width"])
     scheduler = self.scheduler(s["num_inference_steps"], s["shift"])
-    timesteps = scheduler.timesteps if image is None else scheduler.img2img_timesteps(strength)     # (n,): the steps that run
-    sigmas = scheduler.sigmas[len(scheduler.timesteps) - len(timesteps):]                              # (n + 1,)
+    # (n,): the steps that run
+    timesteps = (scheduler.timesteps if image is None else scheduler.img2img_timesteps(strength))
+    sigmas = scheduler.sigmas[len(scheduler.timesteps) - len(timesteps) :]  # (n + 1,)
     w = s["guidance_scale"]
-    negative = as_texts(negative_prompt, len(texts), "negative_prompt") if w > 1 else None           # CFG off for w <= 1
+    negative = as_texts(negative_prompt, len(texts), "negative_prompt") if w > 1 else None  # CFG off for w <= 1
     cond = self.encode_prompt(texts, prompt_2, prompt_3, s["max_sequence_length"])
-    uncond = None if negative is None else self.encode_prompt(negative, negative_prompt_2 or negative, negative_prompt_3 or negative,
-                                                              s["max_sequence_length"])
-    x = self.initial_latents(len(texts), s["height"], s["width"], cpu_generator(seed), latents, image, scheduler, timesteps[0])
+    uncond = (
+        None
+        if negative is None
+        else self.encode_prompt(
+            negative, negative_prompt_2 or negative, negative_prompt_3 or negative, s["max_sequence_length"]
+        )
+    )
+    x = self.initial_latents(
+        len(texts), s["height"], s["width"], cpu_generator(seed), latents, image, scheduler, timesteps[0]
+    )
     n, slg = len(timesteps), s["skip_layer_guidance"]
+
     def guided(x, i):
         skip = slg if uncond is not None and slg is not None and slg.active(i, n) else None
         return self.velocity(x, timesteps[i], cond, uncond, w, skip)
-    with self._on(self.mmdit): x = sample_flow(guided, x, sigmas, s["sampler"], callback, progress)
+
+    with self._on(self.mmdit):
+        x = sample_flow(guided, x, sigmas, s["sampler"], callback, progress)
     return self.decode_latents(x, output_type)
+
 
 SD3Pipeline._check_call, SD3Pipeline.__call__ = _check_call, __call__
 
 # %% ../nbs/11_pipeline.ipynb #e4f3b08b
-DIFFUSERS_PARTS = {"transformer": "the MMDiT", "vae": "the VAE", "text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "tokenizer": "CLIP-L's tokenizer",
-                   "tokenizer_2": "CLIP-G's tokenizer", "scheduler": "the schedule's config"}
+DIFFUSERS_PARTS = {
+    "transformer": "the MMDiT",
+    "vae": "the VAE",
+    "text_encoder": "CLIP-L",
+    "text_encoder_2": "CLIP-G",
+    "tokenizer": "CLIP-L's tokenizer",
+    "tokenizer_2": "CLIP-G's tokenizer",
+    "scheduler": "the schedule's config",
+}
 T5_PARTS = {"text_encoder_3": "T5-XXL", "tokenizer_3": "T5's tokenizer"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+
 def resolve_model(source, t5=None, token: str | None = None) -> Path:
-    "A local path for `source`: an existing file or folder as it is; else a Hub repository id, downloaded in the diffusers layout (without T5 when t5 is False)."
+    """A local path for `source`: an existing file or folder as it is; else a Hub repository id, downloaded in the
+    diffusers layout (without T5 when t5 is False)."""
     path = Path(source).expanduser()
-    if path.exists(): return path
+    if path.exists():
+        return path
     if not HUB_ID.match(str(source)):
-        raise FileNotFoundError(f"No model at {path}: expected a diffusers folder (transformer/, vae/, text_encoder/ ...), a folder of Stability's single files "
-                                f"(sd3.5_*.safetensors with text_encoders/), one such .safetensors file, or a Hub repository id like stabilityai/stable-diffusion-3.5-medium")
-    patterns = ["model_index.json", *(f"{p}/*" for p in DIFFUSERS_PARTS), *([] if t5 is False else [f"{p}/*" for p in T5_PARTS])]
+        raise FileNotFoundError(
+            f"No model at {path}: expected a diffusers folder (transformer/, vae/, text_encoder/ ...), a folder of Stability's single files "
+            f"(sd3.5_*.safetensors with text_encoders/), one such .safetensors file, or a Hub repository id like stabilityai/stable-diffusion-3.5-medium"
+        )
+    patterns = [
+        "model_index.json",
+        *(f"{p}/*" for p in DIFFUSERS_PARTS),
+        *([] if t5 is False else [f"{p}/*" for p in T5_PARTS]),
+    ]
     return Path(download(str(source), allow_patterns=patterns, token=token))
 
 # %% ../nbs/11_pipeline.ipynb #d08bd9bd
 def _check_parts(folder: Path, t5, made_without_t5: bool = False) -> bool:
-    "Raise naming the missing parts of a diffusers SD3 folder; return whether T5 is to be loaded (a warning if it is absent, unless `made_without_t5`)."
+    """Raise naming the missing parts of a diffusers SD3 folder; return whether T5 is to be loaded (a warning if it is
+    absent, unless `made_without_t5`)."""
     missing = [f"{name}/ ({what})" for name, what in DIFFUSERS_PARTS.items() if not (folder / name).is_dir()]
-    if missing: raise FileNotFoundError(f"{folder} is not a complete diffusers SD3 folder: it has no {', '.join(missing)}. "
-                                        f"Expected {', '.join(DIFFUSERS_PARTS)} (and {', '.join(T5_PARTS)} for T5): incomplete download?")
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a complete diffusers SD3 folder: it has no {', '.join(missing)}. "
+            f"Expected {', '.join(DIFFUSERS_PARTS)} (and {', '.join(T5_PARTS)} for T5): incomplete download?"
+        )
     has_t5 = all((folder / name).is_dir() for name in T5_PARTS)
-    if t5 and not has_t5: raise FileNotFoundError(f"t5=True, but {folder} has no {' or '.join(n + '/' for n in T5_PARTS if not (folder / n).is_dir())} (T5-XXL and its tokenizer)")
-    if t5 is None and not has_t5 and not made_without_t5: warnings.warn(f"{folder} has no T5 (text_encoder_3/, tokenizer_3/): running without it, with zeros in place of its tokens")
+    if t5 and not has_t5:
+        raise FileNotFoundError(
+            f"t5=True, but {folder} has no {' or '.join(n + '/' for n in T5_PARTS if not (folder / n).is_dir())} (T5-XXL and its tokenizer)"
+        )
+    if t5 is None and not has_t5 and not made_without_t5:
+        warnings.warn(
+            f"{folder} has no T5 (text_encoder_3/, tokenizer_3/): running without it, with zeros in place of its tokens"
+        )
     return has_t5 and t5 is not False
 
+
 def load_diffusers_parts(folder, dtype=None, device=None, t5=None) -> dict:
-    "SD3Pipeline's arguments from a diffusers folder: the five networks (the VAE brings its latent scale and shift), three tokenizers, and the shift from the scheduler config."
+    """SD3Pipeline's arguments from a diffusers folder: the five networks (the VAE brings its latent scale and shift),
+    three tokenizers, and the shift from the scheduler config."""
     folder, card = Path(folder), read_model_card(folder)
     use_t5 = _check_parts(folder, t5, made_without_t5=card.get("recommended", {}).get("max_sequence_length") == 0)
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    if scheduler.get("use_dynamic_shifting"): warnings.warn("The scheduler config asks for dynamic (resolution-dependent) shifting, which SD3 models do not use: the fixed shift is used")
-    return dict(mmdit=load_mmdit(folder / "transformer", dtype=dtype, device=device), vae=load_vae(folder / "vae", dtype=dtype, device=device),
-                clip_l=load_clip(folder / "text_encoder", dtype=dtype, device=device), clip_g=load_clip(folder / "text_encoder_2", dtype=dtype, device=device),
-                tokenizer_l=CLIPTokenizer.from_pretrained(folder / "tokenizer"), tokenizer_g=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
-                t5=load_t5(folder / "text_encoder_3", dtype=dtype, device=device) if use_t5 else None,
-                tokenizer_t5=T5Tokenizer.from_pretrained(folder / "tokenizer_3") if use_t5 else None,
-                shift=scheduler.get("shift", 3.0), **card)
-
+    if scheduler.get("use_dynamic_shifting"):
+        warnings.warn(
+            "The scheduler config asks for dynamic (resolution-dependent) shifting, which SD3 models do not use: the "
+            "fixed shift is used"
+        )
+    return dict(
+        mmdit=load_mmdit(folder / "transformer", dtype=dtype, device=device),
+        vae=load_vae(folder / "vae", dtype=dtype, device=device),
+        clip_l=load_clip(folder / "text_encoder", dtype=dtype, device=device),
+        clip_g=load_clip(folder / "text_encoder_2", dtype=dtype, device=device),
+        tokenizer_l=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer_g=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        t5=load_t5(folder / "text_encoder_3", dtype=dtype, device=device) if use_t5 else None,
+        tokenizer_t5=T5Tokenizer.from_pretrained(folder / "tokenizer_3") if use_t5 else None,
+        shift=scheduler.get("shift", 3.0),
+        **card,
+    )
 
 # %% ../nbs/11_pipeline.ipynb #c5151aec
 def _holds(path: Path, part: str) -> bool:
     "Whether the checkpoint at `path` has keys under the single-file prefix of `part` (reads only the header)."
     return SD3_PREFIXES[part] in find_prefixes(open_checkpoint(path))
 
+
 def _first(folder: Path, patterns: list):
-    "The first existing match of `patterns` (globs) in `folder` and its text_encoders/, names without 'fp8' first; None if none."
-    found = [p for pattern in patterns for where in (folder / "text_encoders", folder) for p in sorted(where.glob(pattern))]
+    """The first existing match of `patterns` (globs) in `folder` and its text_encoders/, names without 'fp8' first;
+    None if none."""
+    found = [
+        p for pattern in patterns for where in (folder / "text_encoders", folder) for p in sorted(where.glob(pattern))
+    ]
     return sorted(found, key=lambda p: "fp8" in p.name)[0] if found else None
 
+
 def find_single_files(path) -> dict:
-    "Stability's single files around `path` (the main .safetensors, or its folder): {'mmdit', 'vae', 'clip_l', 'clip_g', 't5', 't5_tokenizer'} as (file, prefix or None), T5's None when absent."
+    """Stability's single files around `path` (the main .safetensors, or its folder): {'mmdit', 'vae', 'clip_l',
+    'clip_g', 't5', 't5_tokenizer'} as (file, prefix or None), T5's None when absent."""
     path = Path(path)
     folder = path.parent if path.is_file() else path
     mains = [path] if path.is_file() else [p for p in sorted(folder.glob("*.safetensors")) if _holds(p, "mmdit")]
     if len(mains) != 1:
-        raise FileNotFoundError(f"{folder} has {'no' if not mains else len(mains)} .safetensors file{'s' if len(mains) != 1 else ''} holding an MMDiT (keys model.diffusion_model.*)"
-                                + (f": {', '.join(p.name for p in mains)}; pass the one you want" if mains else "; expected a diffusers folder or Stability's single files"))
+        raise FileNotFoundError(
+            f"{folder} has {'no' if not mains else len(mains)} .safetensors file{'s' if len(mains) != 1 else ''} holding an MMDiT (keys model.diffusion_model.*)"
+            + (
+                f": {', '.join(p.name for p in mains)}; pass the one you want"
+                if mains
+                else "; expected a diffusers folder or Stability's single files"
+            )
+        )
     main, files = mains[0], {"mmdit": (mains[0], "mmdit")}
     vae = main if _holds(main, "vae") else _first(folder, ["*vae*.safetensors"])
-    if vae is None: raise FileNotFoundError(f"{main.name} holds no VAE (keys first_stage_model.*) and there is no *vae*.safetensors next to it")
+    if vae is None:
+        raise FileNotFoundError(
+            f"{main.name} holds no VAE (keys first_stage_model.*) and there is no *vae*.safetensors next to it"
+        )
     files["vae"] = (vae, "vae" if vae == main else None)
-    for part, patterns in [("clip_l", ["clip_l*.safetensors"]), ("clip_g", ["clip_g*.safetensors"]), ("t5", ["t5xxl*.safetensors"])]:
+    for part, patterns in [
+        ("clip_l", ["clip_l*.safetensors"]),
+        ("clip_g", ["clip_g*.safetensors"]),
+        ("t5", ["t5xxl*.safetensors"]),
+    ]:
         prefix = "t5xxl" if part == "t5" else part
         found = (main, prefix) if _holds(main, prefix) else (f, None) if (f := _first(folder, patterns)) else None
-        if found is None and part != "t5": raise FileNotFoundError(f"No {part} text encoder for {main.name}: looked for keys {SD3_PREFIXES[part]}* in it and for {patterns[0]} in {folder} and {folder / 'text_encoders'}")
+        if found is None and part != "t5":
+            raise FileNotFoundError(
+                f"No {part} text encoder for {main.name}: looked for keys {SD3_PREFIXES[part]}* in it and for {patterns[0]} in {folder} and {folder / 'text_encoders'}"
+            )
         files[part] = found
-    tokenizer = folder / "tokenizer_3" if (folder / "tokenizer_3").is_dir() else _first(folder, ["spiece.model", "tokenizer.json"])
+    tokenizer = (
+        folder / "tokenizer_3"
+        if (folder / "tokenizer_3").is_dir()
+        else _first(folder, ["spiece.model", "tokenizer.json"])
+    )
     files["t5_tokenizer"] = tokenizer
     return files
 
 # %% ../nbs/11_pipeline.ipynb #71d1e462
 def load_single_file_parts(path, dtype=None, device=None, t5=None) -> dict:
-    "SD3Pipeline's arguments from Stability's single files (see find_single_files): SD3's activations for the two CLIPs, the CLIP tokenizers shipped with sd_book, T5's tokenizer found beside the weights."
+    """SD3Pipeline's arguments from Stability's single files (see find_single_files): SD3's activations for the two
+    CLIPs, the CLIP tokenizers shipped with sd_book, T5's tokenizer found beside the weights."""
     files = find_single_files(path)
-    if t5 and files["t5"] is None: raise FileNotFoundError(f"t5=True, but there are no T5 weights (t5xxl*.safetensors) next to {files['mmdit'][0].name} or in text_encoders/")
+    if t5 and files["t5"] is None:
+        raise FileNotFoundError(
+            f"t5=True, but there are no T5 weights (t5xxl*.safetensors) next to {files['mmdit'][0].name} or in text_encoders/"
+        )
     use_t5 = files["t5"] is not None and t5 is not False
     if use_t5 and files["t5_tokenizer"] is None:
-        raise FileNotFoundError(f"Found T5 weights ({files['t5'][0].name}) but no T5 tokenizer: put tokenizer_3/ (from the diffusers layout), or spiece.model / tokenizer.json "
-                                f"(from google/t5-v1_1-xxl), in {files['t5'][0].parent}; or run without T5 (t5=False)")
-    if t5 is None and files["t5"] is None: warnings.warn(f"No T5 weights next to {files['mmdit'][0].name}: running without T5, with zeros in place of its tokens")
+        raise FileNotFoundError(
+            f"Found T5 weights ({files['t5'][0].name}) but no T5 tokenizer: put tokenizer_3/ (from the diffusers layout), or spiece.model / tokenizer.json "
+            f"(from google/t5-v1_1-xxl), in {files['t5'][0].parent}; or run without T5 (t5=False)"
+        )
+    if t5 is None and files["t5"] is None:
+        warnings.warn(
+            f"No T5 weights next to {files['mmdit'][0].name}: running without T5, with zeros in place of its tokens"
+        )
     kw = dict(dtype=dtype, device=device)
-    return dict(mmdit=load_mmdit(files["mmdit"][0], **kw), vae=load_vae(files["vae"][0], **kw),
-                clip_l=load_clip(files["clip_l"][0], prefix=files["clip_l"][1], hidden_act="quick_gelu", **kw),
-                clip_g=load_clip(files["clip_g"][0], prefix=files["clip_g"][1], hidden_act="gelu", **kw),
-                tokenizer_l=CLIPTokenizer(), tokenizer_g=CLIPTokenizer(pad_token="!"),
-                t5=load_t5(files["t5"][0], prefix=files["t5"][1], **kw) if use_t5 else None,
-                tokenizer_t5=T5Tokenizer.from_pretrained(files["t5_tokenizer"]) if use_t5 else None)
+    return dict(
+        mmdit=load_mmdit(files["mmdit"][0], **kw),
+        vae=load_vae(files["vae"][0], **kw),
+        clip_l=load_clip(files["clip_l"][0], prefix=files["clip_l"][1], hidden_act="quick_gelu", **kw),
+        clip_g=load_clip(files["clip_g"][0], prefix=files["clip_g"][1], hidden_act="gelu", **kw),
+        tokenizer_l=CLIPTokenizer(),
+        tokenizer_g=CLIPTokenizer(pad_token="!"),
+        t5=load_t5(files["t5"][0], prefix=files["t5"][1], **kw) if use_t5 else None,
+        tokenizer_t5=T5Tokenizer.from_pretrained(files["t5_tokenizer"]) if use_t5 else None,
+    )
 
 # %% ../nbs/11_pipeline.ipynb #4f554647
-RECOMMENDED = {   # Stability-AI/sd3.5, sd3_infer.py, CONFIGS
+RECOMMENDED = {  # Stability-AI/sd3.5, sd3_infer.py, CONFIGS
     "sd3_medium": dict(num_inference_steps=50, guidance_scale=5.0, shift=1.0, sampler="dpmpp_2m"),
-    "sd3.5_medium": dict(num_inference_steps=50, guidance_scale=5.0, shift=3.0, sampler="dpmpp_2m",
-                         skip_layer_guidance=SkipLayerGuidance(layers=(7, 8, 9), scale=2.5, start=0.01, stop=0.2)),
+    "sd3.5_medium": dict(
+        num_inference_steps=50,
+        guidance_scale=5.0,
+        shift=3.0,
+        sampler="dpmpp_2m",
+        skip_layer_guidance=SkipLayerGuidance(layers=(7, 8, 9), scale=2.5, start=0.01, stop=0.2),
+    ),
     "sd3.5_large": dict(num_inference_steps=40, guidance_scale=4.5, shift=3.0, sampler="dpmpp_2m"),
     "sd3.5_large_turbo": dict(num_inference_steps=4, guidance_scale=1.0, shift=3.0, sampler="euler"),
 }
 
+
 def guess_model(name: str, config) -> str | None:
-    "The RECOMMENDED row of an MMDiT with this `config`: from its shape, and for Large Turbo (Large's shape) from 'turbo' in its file or repository `name`; None if unknown."
-    if config.depth == 38 and config.hidden_size == 2432: return "sd3.5_large_turbo" if "turbo" in str(name).lower() else "sd3.5_large"
-    if config.depth == 24 and config.hidden_size == 1536: return "sd3.5_medium" if config.attn2_layers else "sd3_medium" if not config.qk_norm else None
+    """The RECOMMENDED row of an MMDiT with this `config`: from its shape, and for Large Turbo (Large's shape) from
+    'turbo' in its file or repository `name`; None if unknown."""
+    if config.depth == 38 and config.hidden_size == 2432:
+        return "sd3.5_large_turbo" if "turbo" in str(name).lower() else "sd3.5_large"
+    if config.depth == 24 and config.hidden_size == 1536:
+        return "sd3.5_medium" if config.attn2_layers else "sd3_medium" if not config.qk_norm else None
     return None
 
-MODEL_CARD = "sd_book.json"   # in a diffusers folder: {"name": ..., "recommended": {pipe(...) settings}}, ignored by diffusers
+
+MODEL_CARD = (
+    "sd_book.json"  # in a diffusers folder: {"name": ..., "recommended": {pipe(...) settings}}, ignored by diffusers
+)
+
 
 def read_model_card(folder) -> dict:
-    "{'name', 'recommended'} from the sd_book.json of a model folder (SkipLayerGuidance rebuilt), or {} when there is none."
+    """{'name', 'recommended'} from the sd_book.json of a model folder (SkipLayerGuidance rebuilt), or {} when there is
+    none."""
     path = Path(folder) / MODEL_CARD
-    if not path.is_file(): return {}
+    if not path.is_file():
+        return {}
     card = read_json(path)
     settings = dict(card.get("recommended", {}))
-    if unknown := set(settings) - set(DEFAULT_SETTINGS): raise ValueError(f"{path}: unknown recommended settings {sorted(unknown)}; known: {sorted(DEFAULT_SETTINGS)}")
-    if isinstance(settings.get("skip_layer_guidance"), dict): settings["skip_layer_guidance"] = SkipLayerGuidance(**settings["skip_layer_guidance"])
+    if unknown := set(settings) - set(DEFAULT_SETTINGS):
+        raise ValueError(f"{path}: unknown recommended settings {sorted(unknown)}; known: {sorted(DEFAULT_SETTINGS)}")
+    if isinstance(settings.get("skip_layer_guidance"), dict):
+        settings["skip_layer_guidance"] = SkipLayerGuidance(**settings["skip_layer_guidance"])
     return {"name": card.get("name"), "recommended": settings}
 
 # %% ../nbs/11_pipeline.ipynb #f23878bc
@@ -445,50 +747,80 @@ def shipped_model() -> Path:
     "The folder of the tiny SD3 that ships inside sd_book (chapter 13 trains it), in the diffusers layout."
     path = Path(str(resources.files("sd_book").joinpath("assets", "tiny-sd3")))
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"The tiny SD3 that ships with sd_book is missing ({path}): reinstall sd_book, or pass a model")
+        raise FileNotFoundError(
+            f"The tiny SD3 that ships with sd_book is missing ({path}): reinstall sd_book, or pass a model"
+        )
     return path
 
+
 @classmethod
-def _from_pretrained(cls, source=None, dtype=None, device=None, t5: bool | None = None, offload: bool = False, token: str | None = None) -> "SD3Pipeline":
-    "Load SD3 / SD3.5 from a diffusers folder, Stability's single files (their folder or the main .safetensors) or a Hub repository id (downloaded, diffusers layout); no source: the tiny SD3 shipped with sd_book; t5=False skips T5; offload=True keeps modules on the CPU until they run."
+def _from_pretrained(
+    cls, source=None, dtype=None, device=None, t5: bool | None = None, offload: bool = False, token: str | None = None
+) -> "SD3Pipeline":
+    """Load SD3 / SD3.5 from a diffusers folder, Stability's single files (their folder or the main .safetensors) or a
+    Hub repository id (downloaded, diffusers layout); no source: the tiny SD3 shipped with sd_book; t5=False skips
+    T5; offload=True keeps modules on the CPU until they run."""
     source = shipped_model() if source is None else source
     device = get_device(device)
     dtype = get_dtype(dtype, device)
     path = resolve_model(source, t5, token)
     diffusers_layout = path.is_dir() and ((path / "model_index.json").is_file() or (path / "transformer").is_dir())
-    parts = (load_diffusers_parts if diffusers_layout else load_single_file_parts)(path, dtype, torch.device("cpu") if offload else device, t5)
+    parts = (load_diffusers_parts if diffusers_layout else load_single_file_parts)(
+        path, dtype, torch.device("cpu") if offload else device, t5
+    )
     name = parts.pop("name", None) or guess_model(source, parts["mmdit"].config)
     recommended = parts.pop("recommended", None) or RECOMMENDED.get(name)
     pipe = cls(**parts, name=name, recommended=recommended)
     return pipe.enable_offload(device) if offload else pipe.to(device)
 
+
 def _to(self, device=None) -> "SD3Pipeline":
     "Move every module to `device` (default: the best available) and run there; turns offload off."
     self.device, self.offload_device = get_device(device), None
-    for module in self.modules.values(): module.to(self.device)
+    for module in self.modules.values():
+        module.to(self.device)
     return self
 
+
 def _enable_offload(self, device=None) -> "SD3Pipeline":
-    "Model CPU offload: keep every module in CPU memory and move each to `device` (default: the best available) only while it runs."
+    """Model CPU offload: keep every module in CPU memory and move each to `device` (default: the best available) only
+    while it runs."""
     self.device, self.offload_device = get_device(device), torch.device("cpu")
-    for module in self.modules.values(): module.to(self.offload_device)
+    for module in self.modules.values():
+        module.to(self.offload_device)
     return self
+
 
 SD3Pipeline.from_pretrained, SD3Pipeline.to, SD3Pipeline.enable_offload = _from_pretrained, _to, _enable_offload
 
 # %% ../nbs/11_pipeline.ipynb #bec25c73
 def _model_index(self) -> dict:
-    "diffusers' model_index.json for this pipeline: each part's library and class, (None, None) for the parts it does not have."
+    """diffusers' model_index.json for this pipeline: each part's library and class, (None, None) for the parts it does
+    not have."""
     clip = ["transformers", "CLIPTextModelWithProjection"]
-    return {"_class_name": "StableDiffusion3Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": clip, "text_encoder_2": clip, "text_encoder_3": [None, None],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"], "tokenizer_3": [None, None],
-            "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "image_encoder": [None, None], "feature_extractor": [None, None]}
+    return {
+        "_class_name": "StableDiffusion3Pipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": clip,
+        "text_encoder_2": clip,
+        "text_encoder_3": [None, None],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": [None, None],
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+    }
+
 
 def _save_pretrained(self, folder, dtype: torch.dtype | None = None) -> Path:
-    "Write this pipeline in the diffusers layout (weights in `dtype` if given), its name and recommended settings in sd_book.json."
-    if self.t5 is not None: raise NotImplementedError("Saving a pipeline with T5 is not supported: set pipe.t5 = pipe.tokenizer_t5 = None to save it without")
+    """Write this pipeline in the diffusers layout (weights in `dtype` if given), its name and recommended settings in
+    sd_book.json."""
+    if self.t5 is not None:
+        raise NotImplementedError(
+            "Saving a pipeline with T5 is not supported: set pipe.t5 = pipe.tokenizer_t5 = None to save it without"
+        )
     folder = Path(folder)
     save_mmdit(self.mmdit, folder / "transformer", dtype)
     save_vae(self.vae, folder / "vae", dtype, self.latent_format)
@@ -498,68 +830,139 @@ def _save_pretrained(self, folder, dtype: torch.dtype | None = None) -> Path:
     (folder / "scheduler").mkdir(exist_ok=True)
     scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": self.shift}
     recommended = {k: asdict(v) if isinstance(v, SkipLayerGuidance) else v for k, v in self.recommended.items()}
-    for path, content in ((folder / "scheduler" / "scheduler_config.json", scheduler), (folder / "model_index.json", self._model_index()),
-                          (folder / MODEL_CARD, {"name": self.name, "recommended": recommended})):
+    for path, content in (
+        (folder / "scheduler" / "scheduler_config.json", scheduler),
+        (folder / "model_index.json", self._model_index()),
+        (folder / MODEL_CARD, {"name": self.name, "recommended": recommended}),
+    ):
         path.write_text(json.dumps(content, indent=2))
     return folder
+
 
 SD3Pipeline._model_index, SD3Pipeline.save_pretrained = _model_index, _save_pretrained
 
 # %% ../nbs/11_pipeline.ipynb #ec6f23ec
 def parse_size(text: str) -> tuple:
-    "(width, height) from 'WIDTHxHEIGHT' or 'SIZE' (a square), both positive multiples of 16; argparse's error otherwise."
+    """(width, height) from 'WIDTHxHEIGHT' or 'SIZE' (a square), both positive multiples of 16; argparse's error
+    otherwise."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
-    if not m: raise argparse.ArgumentTypeError(f"{text!r} is not a size: write WIDTHxHEIGHT, e.g. 1024x1024 or 1344x768")
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write WIDTHxHEIGHT, e.g. 1024x1024 or 1344x768")
     width, height = int(m[1]), int(m[2] or m[1])
     if min(width, height) < 16 or width % 16 or height % 16:
         fix = "x".join(str(max(16, round(n / 16) * 16)) for n in (width, height))
-        raise argparse.ArgumentTypeError(f"{text!r}: both sides must be positive multiples of 16 (the VAE divides by 8, the MMDiT's patches by 2); try {fix}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: both sides must be positive multiples of 16 (the VAE divides by 8, the MMDiT's patches by 2); try {fix}"
+        )
     return width, height
+
 
 def _positive_int(text: str) -> int:
     "argparse type: an integer >= 1."
-    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1: raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
+
 
 def _fraction(text: str) -> float:
     "argparse type: a number in (0, 1]."
-    try: x = float(text)
-    except ValueError: x = -1.0
-    if not 0 < x <= 1: raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1]")
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1]")
     return x
 
 # %% ../nbs/11_pipeline.ipynb #3bb64be7
 def build_parser() -> argparse.ArgumentParser:
     "The `sd-book` argument parser; `sd-book --help` shows every option of every command."
-    parser = argparse.ArgumentParser(prog="sd-book", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     description="Stable Diffusion 3 and 3.5, from the sd_book textbook (https://github.com/sd-book/sd_book).")
+    parser = argparse.ArgumentParser(
+        prog="sd-book",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Stable Diffusion 3 and 3.5, from the sd_book textbook (https://github.com/sd-book/sd_book).",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    g = commands.add_parser("generate", help="draw a picture from a prompt (text-to-image; image-to-image with --image)",
-                            description="Draw a picture from a prompt with SD3 / SD3.5. Options left unset take the model's recommended settings.")
+    g = commands.add_parser(
+        "generate",
+        help="draw a picture from a prompt (text-to-image; image-to-image with --image)",
+        description="Draw a picture from a prompt with SD3 / SD3.5. Options left unset take the model's recommended settings.",
+    )
     g.add_argument("prompt", help="what to draw (an empty string is allowed)")
-    g.add_argument("-m", "--model", default=os.environ.get("SD_BOOK_MODEL"),
-                   help="a diffusers folder, a folder of Stability's single files, one sd3.5_*.safetensors, or a Hub repository id such as "
-                        "stabilityai/stable-diffusion-3.5-medium (default: $SD_BOOK_MODEL, else the tiny SD3 shipped with sd_book)")
+    g.add_argument(
+        "-m",
+        "--model",
+        default=os.environ.get("SD_BOOK_MODEL"),
+        help="a diffusers folder, a folder of Stability's single files, one sd3.5_*.safetensors, or a Hub repository id such as "
+        "stabilityai/stable-diffusion-3.5-medium (default: $SD_BOOK_MODEL, else the tiny SD3 shipped with sd_book)",
+    )
     g.add_argument("-n", "--negative", default="", help="negative prompt: what to steer away from (default: empty)")
-    g.add_argument("--steps", type=_positive_int, help="number of sampling steps (default: the model's recommended, else 28)")
-    g.add_argument("-g", "--guidance", type=float, help="classifier-free guidance scale; 1 or less turns guidance off (default: recommended, else 7.0)")
+    g.add_argument(
+        "--steps", type=_positive_int, help="number of sampling steps (default: the model's recommended, else 28)"
+    )
+    g.add_argument(
+        "-g",
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale; 1 or less turns guidance off (default: recommended, else 7.0)",
+    )
     g.add_argument("--sampler", choices=SAMPLERS, help="ODE sampler (default: recommended, else euler)")
-    g.add_argument("--shift", type=float, help="shift of the noise schedule (default: recommended, else the model's scheduler config)")
-    g.add_argument("--no-slg", action="store_true", help="turn off skip-layer guidance (recommended, so on by default, for SD3.5 Medium)")
-    g.add_argument("-s", "--seed", type=int, help="random seed: the same seed gives the same picture on every device (default: a random one, printed)")
-    g.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT in pixels, multiples of 16 (default: the --image's size rounded down to "
-                                                   "multiples of 16, else the model's recommended size, else 1024x1024)")
+    g.add_argument(
+        "--shift",
+        type=float,
+        help="shift of the noise schedule (default: recommended, else the model's scheduler config)",
+    )
+    g.add_argument(
+        "--no-slg",
+        action="store_true",
+        help="turn off skip-layer guidance (recommended, so on by default, for SD3.5 Medium)",
+    )
+    g.add_argument(
+        "-s",
+        "--seed",
+        type=int,
+        help="random seed: the same seed gives the same picture on every device (default: a random one, printed)",
+    )
+    g.add_argument(
+        "--size",
+        type=parse_size,
+        help="WIDTHxHEIGHT in pixels, multiples of 16 (default: the --image's size rounded down to "
+        "multiples of 16, else the model's recommended size, else 1024x1024)",
+    )
     g.add_argument("-i", "--image", type=Path, help="input picture: image-to-image instead of text-to-image")
-    g.add_argument("--strength", type=_fraction, default=0.6, help="image-to-image: fraction of the steps to run, in (0, 1]; 1 ignores the input picture (default: 0.6)")
+    g.add_argument(
+        "--strength",
+        type=_fraction,
+        default=0.6,
+        help="image-to-image: fraction of the steps to run, in (0, 1]; 1 ignores the input picture (default: 0.6)",
+    )
     g.add_argument("-o", "--out", type=Path, default=Path("out.png"), help="output file (default: out.png)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), help="precision (default: bf16 on a recent GPU, fp16 on other GPUs, fp32 on the CPU)")
+    g.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="precision (default: bf16 on a recent GPU, fp16 on other GPUs, fp32 on the CPU)",
+    )
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
-    g.add_argument("--no-t5", action="store_true", help="do not load T5-XXL: saves about 9 GiB, follows long prompts less well")
-    g.add_argument("--offload", action="store_true", help="keep the models in CPU memory and move each to the GPU only while it runs (for small GPUs)")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages, only the output file's name")
-    from sd_book.train import add_train_arguments                          # chapter 13 (imported here: it builds on this module)
-    add_train_arguments(commands.add_parser("train", help="train a tiny SD3 from scratch on chapter 12's world (the shipped model)",
-                                            description="Train the tiny SD3 of chapter 13: with no options, the model shipped with sd_book."))
+    g.add_argument(
+        "--no-t5", action="store_true", help="do not load T5-XXL: saves about 9 GiB, follows long prompts less well"
+    )
+    g.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the models in CPU memory and move each to the GPU only while it runs (for small GPUs)",
+    )
+    g.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar or messages, only the output file's name"
+    )
+    from sd_book.train import add_train_arguments  # chapter 13 (imported here: it builds on this module)
+
+    add_train_arguments(
+        commands.add_parser(
+            "train",
+            help="train a tiny SD3 from scratch on chapter 12's world (the shipped model)",
+            description="Train the tiny SD3 of chapter 13: with no options, the model shipped with sd_book.",
+        )
+    )
     parser.epilog = "Options of `sd-book generate`:\n" + g.format_help().split("\n\n", 2)[-1]
     return parser
 
@@ -569,40 +972,71 @@ def _fail(message: str) -> int:
     print(f"sd-book: error: {message}", file=sys.stderr)
     return 1
 
+
 OOM_ADVICE = "try --offload (one model on the GPU at a time), --no-t5 (saves about 9 GiB), a smaller --size, or --dtype bf16 / fp16 if you chose fp32"
 
+
 def _settings(pipe: SD3Pipeline, args, image=None) -> dict:
-    "pipe(...)'s settings for the options given: the rest from the model's recommended settings, then the library's (`pipe.settings`)."
+    """pipe(...)'s settings for the options given: the rest from the model's recommended settings, then the library's
+    (`pipe.settings`)."""
     width, height = args.size or ((image.width // 16 * 16, image.height // 16 * 16) if image else (None, None))
-    return pipe.settings(height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-                         shift=args.shift, skip_layer_guidance=False if args.no_slg else None)
+    return pipe.settings(
+        height=height,
+        width=width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        sampler=args.sampler,
+        shift=args.shift,
+        skip_layer_guidance=False if args.no_slg else None,
+    )
 
 # %% ../nbs/11_pipeline.ipynb #49a43976
 def _generate(args, parser) -> int:
     "The `generate` command: load, draw, save; returns the exit status."
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    if not args.model: say("no --model given and SD_BOOK_MODEL is not set: using the tiny SD3 shipped with sd_book "
-                           "(64x64 pictures of coloured shapes, chapter 13); pass --model for SD3 / SD3.5")
-    try: image = None if args.image is None else Image.open(args.image).convert("RGB")
-    except OSError as e: return _fail(f"cannot read --image {args.image}: {e}")
-    if image and not args.size and min(image.size) < 16: return _fail(f"--image {args.image} is {image.width}x{image.height}: too small, both sides must be at least 16 pixels")
-    seed = random.randrange(2 ** 32) if args.seed is None else args.seed
+    if not args.model:
+        say(
+            "no --model given and SD_BOOK_MODEL is not set: using the tiny SD3 shipped with sd_book "
+            "(64x64 pictures of coloured shapes, chapter 13); pass --model for SD3 / SD3.5"
+        )
+    try:
+        image = None if args.image is None else Image.open(args.image).convert("RGB")
+    except OSError as e:
+        return _fail(f"cannot read --image {args.image}: {e}")
+    if image and not args.size and min(image.size) < 16:
+        return _fail(
+            f"--image {args.image} is {image.width}x{image.height}: too small, both sides must be at least 16 pixels"
+        )
+    seed = random.randrange(2**32) if args.seed is None else args.seed
     start = time.perf_counter()
     try:
         say(f"loading {args.model or 'the shipped tiny SD3'} ...")
-        pipe = SD3Pipeline.from_pretrained(args.model, dtype=args.dtype, device=args.device, t5=False if args.no_t5 else None, offload=args.offload)
+        pipe = SD3Pipeline.from_pretrained(
+            args.model, dtype=args.dtype, device=args.device, t5=False if args.no_t5 else None, offload=args.offload
+        )
         settings = _settings(pipe, args, image)
         say(f"{pipe}\nseed {seed}, " + ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None))
-        pictures = pipe(args.prompt, args.negative, seed=seed, image=image, strength=args.strength, progress=not args.quiet, **settings)
+        pictures = pipe(
+            args.prompt,
+            args.negative,
+            seed=seed,
+            image=image,
+            strength=args.strength,
+            progress=not args.quiet,
+            **settings,
+        )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pictures[0].save(args.out)
-    except (FileNotFoundError, DownloadError, ValueError) as e: return _fail(str(e))           # CheckpointError is a ValueError
+    except (FileNotFoundError, DownloadError, ValueError) as e:
+        return _fail(str(e))  # CheckpointError is a ValueError
     except RuntimeError as e:
-        if "out of memory" not in str(e).lower(): raise
+        if "out of memory" not in str(e).lower():
+            raise
         return _fail(f"out of memory ({str(e).splitlines()[0][:120]}): {OOM_ADVICE}")
     say(f"{time.perf_counter() - start:.1f} s")
     print(args.out)
     return 0
+
 
 def main(argv=None) -> int:
     "The `sd-book` command line (argv: the arguments, default sys.argv[1:]); returns the exit status."
@@ -613,25 +1047,36 @@ def main(argv=None) -> int:
         return 2
     if args.command == "train":
         from sd_book.train import train_command
+
         return train_command(args)
     return _generate(args, parser)
-
 
 # %% ../nbs/11_pipeline.ipynb #27396892
 def check_join_text_states(fn, **kwargs) -> bool:
     "Check an implementation of `join_text_states(clip_l, clip_g, t5)` on hidden cases; prints which case failed."
-    cases = [Case("narrow CLIPs, wide T5, batch 1", (randn((1, 77, 8), seed=0), randn((1, 77, 12), seed=1), randn((1, 4, 32), seed=2))),
-             Case("no padding needed, batch 2", (randn((2, 77, 5), seed=3), randn((2, 77, 3), seed=4), randn((2, 6, 8), seed=5))),
-             Case("no T5: zeros", (randn((3, 77, 4), seed=6), randn((3, 77, 4), seed=7), torch.zeros(3, 10, 16))),
-             Case("a single T5 token", (randn((1, 77, 2), seed=8), randn((1, 77, 2), seed=9), randn((1, 1, 4), seed=10)))]
+    cases = [
+        Case(
+            "narrow CLIPs, wide T5, batch 1",
+            (randn((1, 77, 8), seed=0), randn((1, 77, 12), seed=1), randn((1, 4, 32), seed=2)),
+        ),
+        Case(
+            "no padding needed, batch 2",
+            (randn((2, 77, 5), seed=3), randn((2, 77, 3), seed=4), randn((2, 6, 8), seed=5)),
+        ),
+        Case("no T5: zeros", (randn((3, 77, 4), seed=6), randn((3, 77, 4), seed=7), torch.zeros(3, 10, 16))),
+        Case("a single T5 token", (randn((1, 77, 2), seed=8), randn((1, 77, 2), seed=9), randn((1, 1, 4), seed=10))),
+    ]
     return run_checks(fn, join_text_states, cases, name="join_text_states", **kwargs)
 
 # %% ../nbs/11_pipeline.ipynb #e7e634a3
 def check_dpmpp_2m_step(fn, **kwargs) -> bool:
-    "Check an implementation of `dpmpp_2m_step(x, v, sigma, sigma_next, previous)` on hidden cases; prints which case failed."
+    """Check an implementation of `dpmpp_2m_step(x, v, sigma, sigma_next, previous)` on hidden cases; prints which case
+    failed."""
     x, v, x0_before = randn((2, 3), seed=0).double(), randn((2, 3), seed=1).double(), randn((2, 3), seed=2).double()
-    cases = [Case("the first step (no previous estimate)", (x, v, 1.0, 0.8)),
-             Case("a second-order step", (x, v, 0.6, 0.4, (0.8, x0_before))),
-             Case("unequal step sizes", (x, v, 0.5, 0.1, (0.9, x0_before))),
-             Case("the last step, to sigma = 0", (x, v, 0.2, 0.0, (0.4, x0_before)))]
+    cases = [
+        Case("the first step (no previous estimate)", (x, v, 1.0, 0.8)),
+        Case("a second-order step", (x, v, 0.6, 0.4, (0.8, x0_before))),
+        Case("unequal step sizes", (x, v, 0.5, 0.1, (0.9, x0_before))),
+        Case("the last step, to sigma = 0", (x, v, 0.2, 0.0, (0.4, x0_before))),
+    ]
     return run_checks(fn, dpmpp_2m_step, cases, name="dpmpp_2m_step", **kwargs)

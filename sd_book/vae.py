@@ -25,8 +25,18 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .checkpoints import (CheckpointError, LazyStateDict, component_folder, component_prefix, load_into, open_checkpoint, read_config, rename_keys,
-                                  strip_prefix, wrong_model_error)
+from sd_book.checkpoints import (
+    CheckpointError,
+    LazyStateDict,
+    component_folder,
+    component_prefix,
+    load_into,
+    open_checkpoint,
+    read_config,
+    rename_keys,
+    strip_prefix,
+    wrong_model_error,
+)
 from .core import randn
 from .testing import Case, run_checks
 
@@ -34,6 +44,7 @@ from .testing import Case, run_checks
 @dataclass(frozen=True)
 class VAEConfig:
     "Hyper-parameters of an `AutoencoderKL` (diffusers' config.json names); presets `sd3()`, `sd()` and `tiny()`."
+
     in_channels: int = 3
     out_channels: int = 3
     block_out_channels: tuple = (128, 256, 512, 512)
@@ -47,47 +58,98 @@ class VAEConfig:
     shift_factor: float = 0.0609
 
     @property
-    def downsample_factor(self) -> int: return 2 ** (len(self.block_out_channels) - 1)
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
     @property
-    def latent_format(self): return LatentFormat(self.scaling_factor, self.shift_factor)
+    def latent_format(self):
+        return LatentFormat(self.scaling_factor, self.shift_factor)
 
     @classmethod
-    def sd3(cls, **kw): return cls(**kw)
+    def sd3(cls, **kw):
+        return cls(**kw)
+
     @classmethod
-    def sd(cls, **kw): return cls(**{**dict(latent_channels=4, use_quant_conv=True, use_post_quant_conv=True, scaling_factor=0.18215, shift_factor=0.0), **kw})
+    def sd(cls, **kw):
+        return cls(
+            **{
+                **dict(
+                    latent_channels=4,
+                    use_quant_conv=True,
+                    use_post_quant_conv=True,
+                    scaling_factor=0.18215,
+                    shift_factor=0.0,
+                ),
+                **kw,
+            }
+        )
+
     @classmethod
-    def tiny(cls, **kw): return cls(**{**dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=2, scaling_factor=1.0, shift_factor=0.0), **kw})
+    def tiny(cls, **kw):
+        return cls(
+            **{
+                **dict(
+                    block_out_channels=(8, 16, 32, 32),
+                    layers_per_block=1,
+                    norm_num_groups=2,
+                    scaling_factor=1.0,
+                    shift_factor=0.0,
+                ),
+                **kw,
+            }
+        )
 
 # %% ../nbs/08_vae.ipynb #d097e974
-DIFFUSERS_VAE_DEFAULTS = dict(in_channels=3, out_channels=3, block_out_channels=(64,), layers_per_block=1, latent_channels=4, norm_num_groups=32,
-                              use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True, scaling_factor=0.18215, shift_factor=None)
+DIFFUSERS_VAE_DEFAULTS = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(64,),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    use_quant_conv=True,
+    use_post_quant_conv=True,
+    mid_block_add_attention=True,
+    scaling_factor=0.18215,
+    shift_factor=None,
+)
+
 
 def vae_config_from_dict(d: dict, **overrides) -> VAEConfig:
-    "A `VAEConfig` from a diffusers AutoencoderKL config.json dict (unknown keys ignored, missing ones at diffusers' defaults `DIFFUSERS_VAE_DEFAULTS`), with `overrides` applied."
+    """A `VAEConfig` from a diffusers AutoencoderKL config.json dict (unknown keys ignored, missing ones at diffusers'
+    defaults `DIFFUSERS_VAE_DEFAULTS`), with `overrides` applied."""
     for key, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         bad = [t for t in d.get(key, ()) if t != allowed]
-        if bad: raise ValueError(f"config.json has {key} {bad}: only {allowed!r} blocks (AutoencoderKL) are supported")
-    if d.get("act_fn", "silu") != "silu": raise ValueError(f"config.json has act_fn={d['act_fn']!r}: AutoencoderKL uses 'silu'")
-    kw = {**DIFFUSERS_VAE_DEFAULTS, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in DIFFUSERS_VAE_DEFAULTS}}
-    if kw["shift_factor"] is None: kw["shift_factor"] = 0.0                     # SD 1/2 configs have none (or null)
+        if bad:
+            raise ValueError(f"config.json has {key} {bad}: only {allowed!r} blocks (AutoencoderKL) are supported")
+    if d.get("act_fn", "silu") != "silu":
+        raise ValueError(f"config.json has act_fn={d['act_fn']!r}: AutoencoderKL uses 'silu'")
+    kw = {
+        **DIFFUSERS_VAE_DEFAULTS,
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in DIFFUSERS_VAE_DEFAULTS},
+    }
+    if kw["shift_factor"] is None:
+        kw["shift_factor"] = 0.0  # SD 1/2 configs have none (or null)
     return VAEConfig(**{**kw, **overrides})
 
 # %% ../nbs/08_vae.ipynb #33f38fdb
 def group_norm(config: VAEConfig, channels: int) -> nn.GroupNorm:
     "The VAE's normalisation: GroupNorm with `config.norm_num_groups` groups, eps 1e-6, a scale and a bias per channel."
-    if channels % config.norm_num_groups: raise ValueError(f"{channels} channels cannot be split into norm_num_groups={config.norm_num_groups} groups")
+    if channels % config.norm_num_groups:
+        raise ValueError(f"{channels} channels cannot be split into norm_num_groups={config.norm_num_groups} groups")
     return nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6)
 
 # %% ../nbs/08_vae.ipynb #70495323
 class ResnetBlock(nn.Module):
     "norm -> SiLU -> 3x3 conv, twice, plus the input (through a 1x1 `nin_shortcut` when the channel count changes)."
+
     def __init__(self, config: VAEConfig, in_channels: int, out_channels: int):
         super().__init__()
         self.norm1, self.conv1 = group_norm(config, in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2, self.conv2 = group_norm(config, out_channels), nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:              # (B, C_in, H, W) -> (B, C_out, H, W)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
@@ -95,41 +157,47 @@ class ResnetBlock(nn.Module):
 # %% ../nbs/08_vae.ipynb #cdfe1e36
 class Downsample(nn.Module):
     "Halve the resolution: pad one zero row and column at the bottom and right, then a 3x3 convolution with stride 2."
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:              # (B, C, H, W) -> (B, C, H/2, W/2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H/2, W/2)
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 # %% ../nbs/08_vae.ipynb #385cb2ba
 class Upsample(nn.Module):
     "Double the resolution: nearest-neighbour interpolation, then a 3x3 convolution."
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:              # (B, C, H, W) -> (B, C, 2H, 2W)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, 2H, 2W)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 # %% ../nbs/08_vae.ipynb #04cc20c2
 class AttnBlock(nn.Module):
-    "Single-head self-attention over all H*W positions, with 1x1-convolution projections q, k, v, proj_out and a residual connection."
+    """Single-head self-attention over all H*W positions, with 1x1-convolution projections q, k, v, proj_out and a
+    residual connection."""
+
     def __init__(self, config: VAEConfig, channels: int):
         super().__init__()
         self.norm = group_norm(config, channels)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:              # (B, C, H, W) -> (B, C, H, W)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (p(h).flatten(2).transpose(1, 2)[:, None].contiguous() for p in (self.q, self.k, self.v))   # (B, 1, N, C): one head
-        h = F.scaled_dot_product_attention(q, k, v)                   # (B, 1, N, C)
+        # (B, 1, N, C): one head
+        q, k, v = (p(h).flatten(2).transpose(1, 2)[:, None].contiguous() for p in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, N, C)
         return x + self.proj_out(h[:, 0].transpose(1, 2).reshape(B, C, H, W))
 
 # %% ../nbs/08_vae.ipynb #0b606370
 class MidBlock(nn.Module):
     "ResnetBlock -> AttnBlock -> ResnetBlock at the lowest resolution (the attention optional)."
+
     def __init__(self, config: VAEConfig, channels: int):
         super().__init__()
         self.block_1 = ResnetBlock(config, channels, channels)
@@ -138,53 +206,71 @@ class MidBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block_1(x)
-        if self.attn_1 is not None: x = self.attn_1(x)
+        if self.attn_1 is not None:
+            x = self.attn_1(x)
         return self.block_2(x)
 
 # %% ../nbs/08_vae.ipynb #7c86eb3b
 class EncoderLevel(nn.Module):
     "One resolution of the encoder: `block` (ResNet blocks) then an optional `downsample`."
+
     def __init__(self, config: VAEConfig, in_channels: int, out_channels: int, downsample: bool):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(config, in_channels if j == 0 else out_channels, out_channels) for j in range(config.layers_per_block))
+        self.block = nn.ModuleList(
+            ResnetBlock(config, in_channels if j == 0 else out_channels, out_channels)
+            for j in range(config.layers_per_block)
+        )
         self.downsample = Downsample(out_channels) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block: x = block(x)
+        for block in self.block:
+            x = block(x)
         return x if self.downsample is None else self.downsample(x)
 
 # %% ../nbs/08_vae.ipynb #2b17460c
 class Encoder(nn.Module):
-    "Image (B, 3, H, W) -> moments (B, 2 * latent_channels, H/f, W/f): conv_in, the levels `down`, `mid`, then norm, SiLU, conv_out."
+    """Image (B, 3, H, W) -> moments (B, 2 * latent_channels, H/f, W/f): conv_in, the levels `down`, `mid`, then norm,
+    SiLU, conv_out."""
+
     def __init__(self, config: VAEConfig):
         super().__init__()
         ch = config.block_out_channels
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
-        self.down = nn.ModuleList(EncoderLevel(config, ch[max(i - 1, 0)], ch[i], downsample=i < len(ch) - 1) for i in range(len(ch)))
+        self.down = nn.ModuleList(
+            EncoderLevel(config, ch[max(i - 1, 0)], ch[i], downsample=i < len(ch) - 1) for i in range(len(ch))
+        )
         self.mid = MidBlock(config, ch[-1])
         self.norm_out = group_norm(config, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)                                           # (B, ch[0], H, W)
-        for level in self.down: h = level(h)                          # (B, ch[-1], H/f, W/f)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))     # (B, 2 * latent_channels, H/f, W/f)
+        h = self.conv_in(x)  # (B, ch[0], H, W)
+        for level in self.down:
+            h = level(h)  # (B, ch[-1], H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))  # (B, 2 * latent_channels, H/f, W/f)
 
 # %% ../nbs/08_vae.ipynb #35b3ca1d
 class DecoderLevel(nn.Module):
     "One resolution of the decoder: `block` (ResNet blocks) then an optional `upsample`."
+
     def __init__(self, config: VAEConfig, in_channels: int, out_channels: int, upsample: bool):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(config, in_channels if j == 0 else out_channels, out_channels) for j in range(config.layers_per_block + 1))
+        self.block = nn.ModuleList(
+            ResnetBlock(config, in_channels if j == 0 else out_channels, out_channels)
+            for j in range(config.layers_per_block + 1)
+        )
         self.upsample = Upsample(out_channels) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block: x = block(x)
+        for block in self.block:
+            x = block(x)
         return x if self.upsample is None else self.upsample(x)
 
 # %% ../nbs/08_vae.ipynb #02385d9f
 class Decoder(nn.Module):
-    "Latent (B, latent_channels, h, w) -> image (B, 3, f*h, f*w): conv_in, `mid`, the levels `up` from last to first, then norm, SiLU, conv_out."
+    """Latent (B, latent_channels, h, w) -> image (B, 3, f*h, f*w): conv_in, `mid`, the levels `up` from last to first,
+    then norm, SiLU, conv_out."""
+
     def __init__(self, config: VAEConfig):
         super().__init__()
         ch, L = config.block_out_channels, len(config.block_out_channels)
@@ -195,35 +281,47 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))                                 # (B, ch[-1], h, w)
-        for level in reversed(self.up): h = level(h)                  # up.L-1 first: (B, ch[0], f*h, f*w)
-        return self.conv_out(F.silu(self.norm_out(h)))               # (B, 3, f*h, f*w)
+        h = self.mid(self.conv_in(z))  # (B, ch[-1], h, w)
+        for level in reversed(self.up):
+            h = level(h)  # up.L-1 first: (B, ch[0], f*h, f*w)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, f*h, f*w)
 
 # %% ../nbs/08_vae.ipynb #9005cbd3
 def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    "A sample of N(mean, exp(logvar)) written as mean + std * noise, differentiable in mean and logvar; `noise` is standard normal."
+    """A sample of N(mean, exp(logvar)) written as mean + std * noise, differentiable in mean and logvar; `noise` is
+    standard normal."""
     return mean + torch.exp(0.5 * logvar) * noise
 
 # %% ../nbs/08_vae.ipynb #254118d5
 class DiagonalGaussian:
-    "The VAE posterior N(mean, diag exp(logvar)) with logvar clamped to [-30, 20]; `.std`, `.var`, `.sample(generator)`, `.mode()`, `.kl()`."
+    """The VAE posterior N(mean, diag exp(logvar)) with logvar clamped to [-30, 20]; `.std`, `.var`,
+    `.sample(generator)`, `.mode()`, `.kl()`."""
+
     def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
-        if mean.shape != logvar.shape: raise ValueError(f"mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
+        if mean.shape != logvar.shape:
+            raise ValueError(f"mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
         self.mean, self.logvar = mean, logvar.clamp(-30.0, 20.0)
 
     @classmethod
     def from_moments(cls, moments: torch.Tensor) -> "DiagonalGaussian":
         "Split the encoder's (B, 2C, h, w) output into mean and logvar, C channels each."
-        if moments.shape[1] % 2: raise ValueError(f"Expected moments with an even number of channels (mean and logvar), got {moments.shape[1]}")
+        if moments.shape[1] % 2:
+            raise ValueError(
+                f"Expected moments with an even number of channels (mean and logvar), got {moments.shape[1]}"
+            )
         return cls(*moments.chunk(2, dim=1))
 
     @property
-    def std(self) -> torch.Tensor: return torch.exp(0.5 * self.logvar)
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
     @property
-    def var(self) -> torch.Tensor: return torch.exp(self.logvar)
+    def var(self) -> torch.Tensor:
+        return torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor:
-        "z = mean + std * eps, with eps drawn in fp32 on the CPU (from `generator`, or a new one seeded with `seed`) and moved to mean's device and dtype."
+        """z = mean + std * eps, with eps drawn in fp32 on the CPU (from `generator`, or a new one seeded with `seed`)
+        and moved to mean's device and dtype."""
         noise = randn(self.mean.shape, seed=seed, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return reparameterize(self.mean, self.logvar, noise)
 
@@ -232,14 +330,18 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self) -> torch.Tensor:
-        "KL(q || N(0, I)) per picture: 0.5 * sum(mean^2 + var - 1 - logvar) over all but the batch dimension, shape (B,)."
-        return 0.5 * (self.mean ** 2 + self.var - 1.0 - self.logvar).flatten(1).sum(1)
+        """KL(q || N(0, I)) per picture: 0.5 * sum(mean^2 + var - 1 - logvar) over all but the batch dimension, shape
+        (B,)."""
+        return 0.5 * (self.mean**2 + self.var - 1.0 - self.logvar).flatten(1).sum(1)
 
-    def __repr__(self) -> str: return f"DiagonalGaussian(shape={tuple(self.mean.shape)}, dtype={self.mean.dtype})"
+    def __repr__(self) -> str:
+        return f"DiagonalGaussian(shape={tuple(self.mean.shape)}, dtype={self.mean.dtype})"
 
 # %% ../nbs/08_vae.ipynb #5efb5794
 class AutoencoderKL(nn.Module):
-    "The KL autoencoder of Stable Diffusion: `encode(images in [-1, 1]) -> DiagonalGaussian`, `decode(latents) -> images`; latents in raw VAE space."
+    """The KL autoencoder of Stable Diffusion: `encode(images in [-1, 1]) -> DiagonalGaussian`, `decode(latents) ->
+    images`; latents in raw VAE space."""
+
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
@@ -249,22 +351,28 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(C, C, 1) if config.use_post_quant_conv else None
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        "The posterior q(z | x) for images (B, 3, H, W) in [-1, 1], H and W multiples of f (8): mean and logvar of shape (B, C, H/f, W/f)."
+        """The posterior q(z | x) for images (B, 3, H, W) in [-1, 1], H and W multiples of f (8): mean and logvar of
+        shape (B, C, H/f, W/f)."""
         _check_images(x, self.config)
         moments = self.encoder(x)
-        if self.quant_conv is not None: moments = self.quant_conv(moments)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
         return DiagonalGaussian.from_moments(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         "Images (B, 3, f*h, f*w), nominally in [-1, 1], from raw (not normalised) latents (B, C, h, w)."
         _check_latents(z, self.config)
-        if self.post_quant_conv is not None: z = self.post_quant_conv(z)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
         return self.decoder(z)
 
     @property
-    def device(self) -> torch.device: return self.decoder.conv_out.weight.device
+    def device(self) -> torch.device:
+        return self.decoder.conv_out.weight.device
+
     @property
-    def dtype(self) -> torch.dtype: return self.decoder.conv_out.weight.dtype
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_out.weight.dtype
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None):
         "Reconstruct `x` through the mean (or a sample) of the posterior: (reconstruction, posterior)."
@@ -273,63 +381,110 @@ class AutoencoderKL(nn.Module):
 
 # %% ../nbs/08_vae.ipynb #d139df43
 def _check_images(x: torch.Tensor, config: VAEConfig) -> None:
-    "Raise for images that are not (B, in_channels, H, W) float with H, W multiples of the downsampling factor; warn for values outside [-1, 1]."
+    """Raise for images that are not (B, in_channels, H, W) float with H, W multiples of the downsampling factor; warn
+    for values outside [-1, 1]."""
     C, f = config.in_channels, config.downsample_factor
-    if not isinstance(x, torch.Tensor) or x.ndim != 4: raise ValueError(f"Expected images of shape (B, {C}, H, W), got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.shape[1] != C: raise ValueError(f"Expected {C} image channels, got images of shape {tuple(x.shape)}" + (" (channels last? use x.permute(0, 3, 1, 2))" if x.shape[-1] == C else ""))
-    if not x.is_floating_point(): raise TypeError(f"Expected float images in [-1, 1], got dtype {x.dtype}: convert bytes with x.float() / 127.5 - 1")
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(
+            f"Expected images of shape (B, {C}, H, W), got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
+    if x.shape[1] != C:
+        raise ValueError(
+            f"Expected {C} image channels, got images of shape {tuple(x.shape)}"
+            + (" (channels last? use x.permute(0, 3, 1, 2))" if x.shape[-1] == C else "")
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"Expected float images in [-1, 1], got dtype {x.dtype}: convert bytes with x.float() / 127.5 - 1"
+        )
     H, W = x.shape[-2:]
-    if H % f or W % f: raise ValueError(f"Image height and width must be multiples of {f}, got {H}x{W}: crop or pad to {H // f * f}x{W // f * f} or {-(-H // f) * f}x{-(-W // f) * f}")
-    if x.is_meta: return                                                # shapes only: no values to check
+    if H % f or W % f:
+        raise ValueError(
+            f"Image height and width must be multiples of {f}, got {H}x{W}: crop or pad to {H // f * f}x{W // f * f} or {-(-H // f) * f}x{-(-W // f) * f}"
+        )
+    if x.is_meta:
+        return  # shapes only: no values to check
     lo, hi = x.min().item(), x.max().item()
     if lo < -1.001 or hi > 1.001:
-        warnings.warn(f"Images should be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]: map bytes with x / 127.5 - 1, values in [0, 1] with 2 * x - 1", stacklevel=3)
+        warnings.warn(
+            f"Images should be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]: map bytes with x / 127.5 - 1, values in [0, 1] with 2 * x - 1",
+            stacklevel=3,
+        )
+
 
 def _check_latents(z: torch.Tensor, config: VAEConfig) -> None:
     "Raise for latents that are not (B, latent_channels, h, w)."
     C = config.latent_channels
-    if not isinstance(z, torch.Tensor) or z.ndim != 4: raise ValueError(f"Expected latents of shape (B, {C}, h, w), got {tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
-    hint = {(4, 16): ": an SD 1/2 latent given to SD3's VAE?", (16, 4): ": an SD3 latent given to SD 1/2's VAE?"}.get((z.shape[1], C), "")
-    if z.shape[1] != C: raise ValueError(f"Expected latents with {C} channels (this VAE's latent_channels), got shape {tuple(z.shape)}{hint}")
+    if not isinstance(z, torch.Tensor) or z.ndim != 4:
+        raise ValueError(
+            f"Expected latents of shape (B, {C}, h, w), got {tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}"
+        )
+    hint = {(4, 16): ": an SD 1/2 latent given to SD3's VAE?", (16, 4): ": an SD3 latent given to SD 1/2's VAE?"}.get(
+        (z.shape[1], C), ""
+    )
+    if z.shape[1] != C:
+        raise ValueError(
+            f"Expected latents with {C} channels (this VAE's latent_channels), got shape {tuple(z.shape)}{hint}"
+        )
 
 # %% ../nbs/08_vae.ipynb #e98a8b2e
 def latent_shape(height: int, width: int, config: VAEConfig = VAEConfig.sd3(), batch_size: int = 1) -> tuple:
-    "The shape (B, C, h, w) of the latents of `batch_size` images of `height` x `width` pixels; sizes must be positive multiples of the downsampling factor."
+    """The shape (B, C, h, w) of the latents of `batch_size` images of `height` x `width` pixels; sizes must be positive
+    multiples of the downsampling factor."""
     f = config.downsample_factor
     for name, n in (("height", height), ("width", width)):
-        if not isinstance(n, int) or n <= 0 or n % f: raise ValueError(f"{name} must be a positive multiple of {f}, got {n!r}")
+        if not isinstance(n, int) or n <= 0 or n % f:
+            raise ValueError(f"{name} must be a positive multiple of {f}, got {n!r}")
     return (batch_size, config.latent_channels, height // f, width // f)
 
 # %% ../nbs/08_vae.ipynb #4427be82
 def toy_shapes(n: int, size: int = 32, max_shapes: int = 3, seed: int = 0) -> torch.Tensor:
-    "`n` pictures (n, 3, size, size) in [-1, 1]: 1 to `max_shapes` flat-coloured circles, squares and triangles on a flat background."
-    if n < 1 or size < 1 or max_shapes < 1: raise ValueError(f"n, size and max_shapes must be positive, got {n}, {size}, {max_shapes}")
+    """`n` pictures (n, 3, size, size) in [-1, 1]: 1 to `max_shapes` flat-coloured circles, squares and triangles on a
+    flat background."""
+    if n < 1 or size < 1 or max_shapes < 1:
+        raise ValueError(f"n, size and max_shapes must be positive, got {n}, {size}, {max_shapes}")
     g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")   # pixel centres
-    out = (torch.rand(n, 3, 1, 1, generator=g) * 2 - 1).expand(n, 3, size, size).clone()     # backgrounds
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")  # pixel centres
+    out = (torch.rand(n, 3, 1, 1, generator=g) * 2 - 1).expand(n, 3, size, size).clone()  # backgrounds
     for i in range(n):
         for _ in range(int(torch.randint(1, max_shapes + 1, (1,), generator=g))):
             kind, colour = int(torch.randint(0, 3, (1,), generator=g)), torch.rand(3, 1, generator=g) * 2 - 1
             cx, cy = ((torch.rand(2, generator=g) * 0.6 + 0.2) * size).tolist()
             r = (torch.rand(1, generator=g).item() * 0.2 + 0.1) * size
             dx, dy = xx - cx, yy - cy
-            mask = [dx ** 2 + dy ** 2 <= r ** 2, (dx.abs() <= r) & (dy.abs() <= r), (dy <= r) & (dy >= 2 * dx.abs() - r)][kind]
+            mask = [dx**2 + dy**2 <= r**2, (dx.abs() <= r) & (dy.abs() <= r), (dy <= r) & (dy >= 2 * dx.abs() - r)][
+                kind
+            ]
             out[i][:, mask] = colour
     return out
 
 # %% ../nbs/08_vae.ipynb #f6baaad4
-def vae_loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian, kl_weight: float = 1e-3, rec: str = "l2") -> tuple:
-    "The negative ELBO without LDM's perceptual and GAN terms: (reconstruction + kl_weight * KL, reconstruction, KL), summed per picture and averaged over the batch; `rec` is 'l2' or 'l1'."
-    if rec not in ("l1", "l2"): raise ValueError(f"rec must be 'l1' (Laplace likelihood, LDM's choice) or 'l2' (Gaussian), got {rec!r}")
+def vae_loss(
+    x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian, kl_weight: float = 1e-3, rec: str = "l2"
+) -> tuple:
+    """The negative ELBO without LDM's perceptual and GAN terms: (reconstruction + kl_weight * KL, reconstruction, KL),
+    summed per picture and averaged over the batch; `rec` is 'l2' or 'l1'."""
+    if rec not in ("l1", "l2"):
+        raise ValueError(f"rec must be 'l1' (Laplace likelihood, LDM's choice) or 'l2' (Gaussian), got {rec!r}")
     err = recon - x
-    rec_loss = (err.abs() if rec == "l1" else err ** 2).flatten(1).sum(1).mean()
+    rec_loss = (err.abs() if rec == "l1" else err**2).flatten(1).sum(1).mean()
     kl = posterior.kl().mean()
     return rec_loss + kl_weight * kl, rec_loss, kl
 
 # %% ../nbs/08_vae.ipynb #38c4b7f3
-def train_vae(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch_size: int = 16, lr: float = 2e-3,
-              kl_weight: float = 1e-3, rec: str = "l2", seed: int = 0, progress: bool = True) -> dict:
-    "Train `vae` on `images` (N, 3, H, W) in [-1, 1] with `vae_loss` and AdamW; returns the history {'loss', 'rec', 'kl'} (one float per step)."
+def train_vae(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    kl_weight: float = 1e-3,
+    rec: str = "l2",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Train `vae` on `images` (N, 3, H, W) in [-1, 1] with `vae_loss` and AdamW; returns the history {'loss', 'rec',
+    'kl'} (one float per step)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     history = {"loss": [], "rec": [], "kl": []}
@@ -339,8 +494,11 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch_size: 
             x = images[torch.randint(0, len(images), (batch_size,), generator=g)].to(next(vae.parameters()).device)
             recon, posterior = vae(x, sample_posterior=True, generator=g)
             losses = vae_loss(x, recon, posterior, kl_weight, rec)
-            opt.zero_grad(set_to_none=True); losses[0].backward(); opt.step()
-            for k, v in zip(history, losses): history[k].append(v.item())
+            opt.zero_grad(set_to_none=True)
+            losses[0].backward()
+            opt.step()
+            for k, v in zip(history, losses):
+                history[k].append(v.item())
     vae.eval()
     return history
 
@@ -354,7 +512,9 @@ def reconstruction_error(vae: AutoencoderKL, images: torch.Tensor, batch_size: i
 # %% ../nbs/08_vae.ipynb #b30d2e0e
 @dataclass(frozen=True)
 class LatentFormat:
-    "How a pipeline maps raw VAE latents to the diffusion model's latents: normalize(z) = (z - shift) * scale, and back."
+    """How a pipeline maps raw VAE latents to the diffusion model's latents: normalize(z) = (z - shift) * scale, and
+    back."""
+
     scale: float = 1.0
     shift: float = 0.0
 
@@ -368,160 +528,245 @@ class LatentFormat:
 
     @classmethod
     def from_latents(cls, z: torch.Tensor) -> "LatentFormat":
-        "The format that gives `z` (a batch of raw latents) mean 0 and standard deviation 1, measured the way SD's numbers were."
+        """The format that gives `z` (a batch of raw latents) mean 0 and standard deviation 1, measured the way SD's
+        numbers were."""
         return cls(scale=1.0 / z.float().std().item(), shift=z.float().mean().item())
+
 
 SD3_LATENT = LatentFormat(scale=1.5305, shift=0.0609)
 SD_LATENT = LatentFormat(scale=0.18215, shift=0.0)
 
 # %% ../nbs/08_vae.ipynb #793f83a3
 def tile_starts(size: int, tile: int, overlap: int) -> list:
-    "Start offsets of tiles of length `tile` covering [0, size), consecutive ones overlapping by at least `overlap`, the last flush with the end."
-    if not 0 <= overlap < tile: raise ValueError(f"Need 0 <= overlap < tile, got overlap={overlap}, tile={tile}")
-    if size <= tile: return [0]
+    """Start offsets of tiles of length `tile` covering [0, size), consecutive ones overlapping by at least `overlap`,
+    the last flush with the end."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"Need 0 <= overlap < tile, got overlap={overlap}, tile={tile}")
+    if size <= tile:
+        return [0]
     return list(range(0, size - tile, tile - overlap)) + [size - tile]
 
 # %% ../nbs/08_vae.ipynb #95786af4
 def blend_ramp(length: int, start: int, total: int, overlap: int) -> torch.Tensor:
-    "1D blending weights (length,) of a tile covering [start, start + length) of [0, total): linear ramps over `overlap` values on each side that has a neighbour."
+    """1D blending weights (length,) of a tile covering [start, start + length) of [0, total): linear ramps over
+    `overlap` values on each side that has a neighbour."""
     w = torch.ones(length)
-    if overlap == 0: return w
+    if overlap == 0:
+        return w
     ramp = (torch.arange(min(overlap, length)) + 0.5) / overlap
-    if start > 0: w[:len(ramp)] = torch.minimum(w[:len(ramp)], ramp)
-    if start + length < total: w[-len(ramp):] = torch.minimum(w[-len(ramp):], ramp.flip(0))
+    if start > 0:
+        w[: len(ramp)] = torch.minimum(w[: len(ramp)], ramp)
+    if start + length < total:
+        w[-len(ramp) :] = torch.minimum(w[-len(ramp) :], ramp.flip(0))
     return w
 
 # %% ../nbs/08_vae.ipynb #59cc72b4
-def tiled_apply(fn, x: torch.Tensor, tile: int, overlap: int, scale: float = 1.0, progress: bool = False) -> torch.Tensor:
-    "Run `fn` on overlapping `tile` x `tile` squares of x (B, C, H, W), whose outputs are `scale` times larger, and blend them linearly over the overlaps."
+def tiled_apply(
+    fn, x: torch.Tensor, tile: int, overlap: int, scale: float = 1.0, progress: bool = False
+) -> torch.Tensor:
+    """Run `fn` on overlapping `tile` x `tile` squares of x (B, C, H, W), whose outputs are `scale` times larger, and
+    blend them linearly over the overlaps."""
     B, _, H, W = x.shape
     out_h, out_w, o = round(H * scale), round(W * scale), round(overlap * scale)
     out = weight = None
     corners = [(y0, x0) for y0 in tile_starts(H, tile, overlap) for x0 in tile_starts(W, tile, overlap)]
     for y0, x0 in tqdm(corners, disable=not progress, desc="tiles"):
-        part = fn(x[:, :, y0:y0 + tile, x0:x0 + tile])                # (B, C_out, th, tw)
+        part = fn(x[:, :, y0 : y0 + tile, x0 : x0 + tile])  # (B, C_out, th, tw)
         if out is None:
             out = part.new_zeros(B, part.shape[1], out_h, out_w)
             weight = part.new_zeros(1, 1, out_h, out_w)
         (th, tw), Y0, X0 = part.shape[-2:], round(y0 * scale), round(x0 * scale)
-        w = (blend_ramp(th, Y0, out_h, o)[:, None] * blend_ramp(tw, X0, out_w, o)[None]).to(part)   # (th, tw)
-        out[:, :, Y0:Y0 + th, X0:X0 + tw] += part * w
-        weight[:, :, Y0:Y0 + th, X0:X0 + tw] += w
+        w = (blend_ramp(th, Y0, out_h, o)[:, None] * blend_ramp(tw, X0, out_w, o)[None]).to(part)  # (th, tw)
+        out[:, :, Y0 : Y0 + th, X0 : X0 + tw] += part * w
+        weight[:, :, Y0 : Y0 + th, X0 : X0 + tw] += w
     return out / weight
 
 # %% ../nbs/08_vae.ipynb #23fc05ae
-def tiled_decode(vae: AutoencoderKL, z: torch.Tensor, tile: int = 64, overlap: int = 16, progress: bool = False) -> torch.Tensor:
-    "`vae.decode(z)` in overlapping tiles of `tile` x `tile` latents, blended over `overlap` latents: memory bounded by the tile size."
+def tiled_decode(
+    vae: AutoencoderKL, z: torch.Tensor, tile: int = 64, overlap: int = 16, progress: bool = False
+) -> torch.Tensor:
+    """`vae.decode(z)` in overlapping tiles of `tile` x `tile` latents, blended over `overlap` latents: memory bounded
+    by the tile size."""
     _check_latents(z, vae.config)
     return tiled_apply(vae.decode, z, tile, overlap, scale=vae.config.downsample_factor, progress=progress)
 
 # %% ../nbs/08_vae.ipynb #2e702a62
-def tiled_encode(vae: AutoencoderKL, x: torch.Tensor, tile: int = 512, overlap: int = 128, progress: bool = False) -> DiagonalGaussian:
-    "`vae.encode(x)` in overlapping tiles of `tile` x `tile` pixels blended over `overlap` pixels (both multiples of the downsampling factor)."
+def tiled_encode(
+    vae: AutoencoderKL, x: torch.Tensor, tile: int = 512, overlap: int = 128, progress: bool = False
+) -> DiagonalGaussian:
+    """`vae.encode(x)` in overlapping tiles of `tile` x `tile` pixels blended over `overlap` pixels (both multiples of
+    the downsampling factor)."""
     f = vae.config.downsample_factor
-    if tile % f or overlap % f: raise ValueError(f"tile and overlap must be multiples of {f} pixels, got tile={tile}, overlap={overlap}")
+    if tile % f or overlap % f:
+        raise ValueError(f"tile and overlap must be multiples of {f} pixels, got tile={tile}, overlap={overlap}")
     _check_images(x, vae.config)
+
     def moments(t):
         post = vae.encode(t)
         return torch.cat([post.mean, post.logvar], dim=1)
+
     return DiagonalGaussian.from_moments(tiled_apply(moments, x, tile, overlap, scale=1 / f, progress=progress))
 
 # %% ../nbs/08_vae.ipynb #e8829bf4
 def vae_renames(num_levels: int) -> list:
-    "(regex, replacement) rules taking diffusers' AutoencoderKL names to the original (LDM) ones, for a VAE with `num_levels` levels."
+    """(regex, replacement) rules taking diffusers' AutoencoderKL names to the original (LDM) ones, for a VAE with
+    `num_levels` levels."""
     return [
-        (r"\.mid_block\.resnets\.0\.", ".mid.block_1."), (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+        (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
+        (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
         (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."),
         (r"^encoder\.down_blocks\.(\d+)\.", r"encoder.down.\1."),
-        (r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}."),    # reversed order
-        (r"\.resnets\.(\d+)\.", r".block.\1."), (r"\.downsamplers\.0\.", ".downsample."), (r"\.upsamplers\.0\.", ".upsample."),
-        (r"\.conv_shortcut\.", ".nin_shortcut."), (r"\.conv_norm_out\.", ".norm_out."),
-        (r"\.attn_1\.group_norm\.", ".attn_1.norm."), (r"\.attn_1\.to_([qkv])\.", r".attn_1.\1."), (r"\.attn_1\.to_out\.0\.", ".attn_1.proj_out."),
-        (r"\.attn_1\.(q|k|v)(?:uery|ey|alue)\.", r".attn_1.\1."), (r"\.attn_1\.proj_attn\.", ".attn_1.proj_out."),   # diffusers < 0.14
+        (r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}."),  # reversed order
+        (r"\.resnets\.(\d+)\.", r".block.\1."),
+        (r"\.downsamplers\.0\.", ".downsample."),
+        (r"\.upsamplers\.0\.", ".upsample."),
+        (r"\.conv_shortcut\.", ".nin_shortcut."),
+        (r"\.conv_norm_out\.", ".norm_out."),
+        (r"\.attn_1\.group_norm\.", ".attn_1.norm."),
+        (r"\.attn_1\.to_([qkv])\.", r".attn_1.\1."),
+        (r"\.attn_1\.to_out\.0\.", ".attn_1.proj_out."),
+        (r"\.attn_1\.(q|k|v)(?:uery|ey|alue)\.", r".attn_1.\1."),
+        (r"\.attn_1\.proj_attn\.", ".attn_1.proj_out."),  # diffusers < 0.14
     ]
 
 # %% ../nbs/08_vae.ipynb #6a09c821
 _ATTN_WEIGHT = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+
 
 def _as_conv_weight(state, key: str) -> torch.Tensor:
     "An attention projection weight as a 1x1 convolution weight (C, C, 1, 1), whatever the checkpoint stored."
     t = state[key]
     return t.reshape(*t.shape[:2], 1, 1) if t.ndim in (2, 3) else t
 
+
 def vae_state(source, prefix: str | None = None) -> LazyStateDict:
-    "A VAE's tensors in the original (LDM) names from a file, folder or state dict, diffusers or single-file layout, with or without `first_stage_model.` (or another `prefix`)."
+    """A VAE's tensors in the original (LDM) names from a file, folder or state dict, diffusers or single-file layout,
+    with or without `first_stage_model.` (or another `prefix`)."""
     state = open_checkpoint(source)
-    prefix = component_prefix(state, prefix, ("vae",), native=("encoder.conv_in.weight",))    # prefix="vae" means first_stage_model.
-    if prefix: state = strip_prefix(state, prefix)
+    # prefix="vae" means first_stage_model.
+    prefix = component_prefix(state, prefix, ("vae",), native=("encoder.conv_in.weight",))
+    if prefix:
+        state = strip_prefix(state, prefix)
     if "encoder.conv_in.weight" not in state or "decoder.conv_in.weight" not in state:
         raise wrong_model_error(state, "a VAE", "encoder.conv_in.weight and decoder.conv_in.weight")
     down = {int(m[1]) for k in state if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))}
-    if down: state = rename_keys(state, vae_renames(max(down) + 1))     # the diffusers layout
-    return LazyStateDict({k: partial(_as_conv_weight, state, k) if _ATTN_WEIGHT.search(k) else partial(state.__getitem__, k) for k in state}, state.source)
+    if down:
+        state = rename_keys(state, vae_renames(max(down) + 1))  # the diffusers layout
+    return LazyStateDict(
+        {
+            k: partial(_as_conv_weight, state, k) if _ATTN_WEIGHT.search(k) else partial(state.__getitem__, k)
+            for k in state
+        },
+        state.source,
+    )
 
 # %% ../nbs/08_vae.ipynb #1df747d5
 def vae_config_from_state(state, **overrides) -> VAEConfig:
-    "A VAEConfig inferred from a state dict in LDM names (shapes and key names), 32 GroupNorm groups and the latent format of SD3 (16 channels) or SD (4) unless overridden."
+    """A VAEConfig inferred from a state dict in LDM names (shapes and key names), 32 GroupNorm groups and the latent
+    format of SD3 (16 channels) or SD (4) unless overridden."""
     levels = sorted({int(m[1]) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
-    if not levels or levels != list(range(len(levels))): raise CheckpointError(f"The encoder's levels are numbered {levels[:6]}: expected 0, 1, ..., L-1")
+    if not levels or levels != list(range(len(levels))):
+        raise CheckpointError(f"The encoder's levels are numbered {levels[:6]}: expected 0, 1, ..., L-1")
     latent = state["decoder.conv_in.weight"].shape[1]
     fmt = {16: SD3_LATENT, 4: SD_LATENT}.get(latent, LatentFormat())
-    found = dict(in_channels=state["encoder.conv_in.weight"].shape[1], out_channels=state["decoder.conv_out.weight"].shape[0],
-                 block_out_channels=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels),
-                 layers_per_block=len({k.split(".")[4] for k in state if k.startswith("encoder.down.0.block.")}), latent_channels=latent,
-                 use_quant_conv="quant_conv.weight" in state, use_post_quant_conv="post_quant_conv.weight" in state,
-                 mid_block_add_attention="encoder.mid.attn_1.q.weight" in state, scaling_factor=fmt.scale, shift_factor=fmt.shift)
+    found = dict(
+        in_channels=state["encoder.conv_in.weight"].shape[1],
+        out_channels=state["decoder.conv_out.weight"].shape[0],
+        block_out_channels=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels),
+        layers_per_block=len({k.split(".")[4] for k in state if k.startswith("encoder.down.0.block.")}),
+        latent_channels=latent,
+        use_quant_conv="quant_conv.weight" in state,
+        use_post_quant_conv="post_quant_conv.weight" in state,
+        mid_block_add_attention="encoder.mid.attn_1.q.weight" in state,
+        scaling_factor=fmt.scale,
+        shift_factor=fmt.shift,
+    )
     found.update(overrides)
     groups = found.setdefault("norm_num_groups", 32)
     if any(c % groups for c in found["block_out_channels"]):
-        raise CheckpointError(f"Channels {found['block_out_channels']} cannot use {groups} GroupNorm groups (the weights do not say how many): pass norm_num_groups=")
+        raise CheckpointError(
+            f"Channels {found['block_out_channels']} cannot use {groups} GroupNorm groups (the weights do not say how many): pass norm_num_groups="
+        )
     return VAEConfig(**found)
 
 # %% ../nbs/08_vae.ipynb #d46e4281
 def _vae_config_json(source) -> dict | None:
-    "The diffusers AutoencoderKL config.json (`_class_name` AutoencoderKL) that belongs to `source` (a folder holding it, or a weights file next to it), if any."
-    if not isinstance(source, (str, os.PathLike)): return None
+    """The diffusers AutoencoderKL config.json (`_class_name` AutoencoderKL) that belongs to `source` (a folder holding
+    it, or a weights file next to it), if any."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
     path = Path(source)
     config = read_config(path if path.is_dir() else path.parent)
     return config if config is not None and config.get("_class_name") == "AutoencoderKL" else None
 
-def load_vae(source, prefix: str | None = None, dtype: torch.dtype | None = None, device=None, **overrides) -> AutoencoderKL:
-    "An AutoencoderKL in eval mode from a diffusers folder (pipeline or vae/), a .safetensors file (diffusers, bare LDM, or SD3.5 all-in-one) or a state dict."
-    source = component_folder(source, "vae")                             # a pipeline folder: its vae/ subfolder
+
+def load_vae(
+    source, prefix: str | None = None, dtype: torch.dtype | None = None, device=None, **overrides
+) -> AutoencoderKL:
+    """An AutoencoderKL in eval mode from a diffusers folder (pipeline or vae/), a .safetensors file (diffusers, bare
+    LDM, or SD3.5 all-in-one) or a state dict."""
+    source = component_folder(source, "vae")  # a pipeline folder: its vae/ subfolder
     state = vae_state(source, prefix)
     config_json = _vae_config_json(source)
-    config = vae_config_from_dict(config_json, **overrides) if config_json else vae_config_from_state(state, **overrides)
+    config = (
+        vae_config_from_dict(config_json, **overrides) if config_json else vae_config_from_state(state, **overrides)
+    )
     return load_into(partial(AutoencoderKL, config), state, dtype=dtype, device=device).eval()
 
 # %% ../nbs/08_vae.ipynb #443197c7
 def vae_diffusers_config(config: VAEConfig) -> dict:
     "diffusers' AutoencoderKL config (its config.json keys, `_class_name` included) for one of our configs."
     L = len(config.block_out_channels)
-    return {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * L,
-            "up_block_types": ["UpDecoderBlock2D"] * L, **{f.name: getattr(config, f.name) for f in fields(config)},
-            "block_out_channels": list(config.block_out_channels)}
+    return {
+        "_class_name": "AutoencoderKL",
+        "act_fn": "silu",
+        "down_block_types": ["DownEncoderBlock2D"] * L,
+        "up_block_types": ["UpDecoderBlock2D"] * L,
+        **{f.name: getattr(config, f.name) for f in fields(config)},
+        "block_out_channels": list(config.block_out_channels),
+    }
+
 
 def vae_renames_to_diffusers(num_levels: int) -> list:
     "(regex, replacement) rules taking the original (LDM) names of a VAE with `num_levels` levels to diffusers' names."
     return [
-        (r"\.attn_1\.proj_out\.", ".attn_1.to_out.0."), (r"\.attn_1\.([qkv])\.", r".attn_1.to_\1."), (r"\.attn_1\.norm\.", ".attn_1.group_norm."),
-        (r"\.norm_out\.", ".conv_norm_out."), (r"\.nin_shortcut\.", ".conv_shortcut."),
-        (r"\.upsample\.", ".upsamplers.0."), (r"\.downsample\.", ".downsamplers.0."), (r"\.block\.(\d+)\.", r".resnets.\1."),
+        (r"\.attn_1\.proj_out\.", ".attn_1.to_out.0."),
+        (r"\.attn_1\.([qkv])\.", r".attn_1.to_\1."),
+        (r"\.attn_1\.norm\.", ".attn_1.group_norm."),
+        (r"\.norm_out\.", ".conv_norm_out."),
+        (r"\.nin_shortcut\.", ".conv_shortcut."),
+        (r"\.upsample\.", ".upsamplers.0."),
+        (r"\.downsample\.", ".downsamplers.0."),
+        (r"\.block\.(\d+)\.", r".resnets.\1."),
         (r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m[1])}."),
         (r"^encoder\.down\.(\d+)\.", r"encoder.down_blocks.\1."),
-        (r"\.mid\.attn_1\.", ".mid_block.attentions.0."), (r"\.mid\.block_2\.", ".mid_block.resnets.1."), (r"\.mid\.block_1\.", ".mid_block.resnets.0."),
+        (r"\.mid\.attn_1\.", ".mid_block.attentions.0."),
+        (r"\.mid\.block_2\.", ".mid_block.resnets.1."),
+        (r"\.mid\.block_1\.", ".mid_block.resnets.0."),
     ]
 
-def vae_to_diffusers(state, num_levels: int) -> dict:
-    "A VAE state dict in our (LDM) names as diffusers' AutoencoderKL state dict: renamed, attention weights as (C, C) matrices."
-    out = rename_keys(dict(state), vae_renames_to_diffusers(num_levels))
-    return {k: v.flatten(1) if re.search(r"\.attentions\.0\.to_(q|k|v|out\.0)\.weight$", k) else v for k, v in out.items()}
 
-def save_vae(vae: AutoencoderKL, folder, dtype: torch.dtype | None = None, latent_format: LatentFormat | None = None) -> Path:
-    "Write `vae` as diffusers' vae/ folder (config.json, diffusion_pytorch_model.safetensors), in `dtype` if given; `latent_format` replaces the config's."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+def vae_to_diffusers(state, num_levels: int) -> dict:
+    """A VAE state dict in our (LDM) names as diffusers' AutoencoderKL state dict: renamed, attention weights as (C, C)
+    matrices."""
+    out = rename_keys(dict(state), vae_renames_to_diffusers(num_levels))
+    return {
+        k: v.flatten(1) if re.search(r"\.attentions\.0\.to_(q|k|v|out\.0)\.weight$", k) else v for k, v in out.items()
+    }
+
+
+def save_vae(
+    vae: AutoencoderKL, folder, dtype: torch.dtype | None = None, latent_format: LatentFormat | None = None
+) -> Path:
+    """Write `vae` as diffusers' vae/ folder (config.json, diffusion_pytorch_model.safetensors), in `dtype` if given;
+    `latent_format` replaces the config's."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     state = vae_to_diffusers(vae.state_dict(), len(vae.config.block_out_channels))
-    save_file({k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()},
+        str(folder / "diffusion_pytorch_model.safetensors"),
+    )
     fmt = latent_format or vae.config.latent_format
     config = replace(vae.config, scaling_factor=fmt.scale, shift_factor=fmt.shift)
     (folder / "config.json").write_text(json.dumps(vae_diffusers_config(config), indent=2))
@@ -530,17 +775,31 @@ def save_vae(vae: AutoencoderKL, folder, dtype: torch.dtype | None = None, laten
 # %% ../nbs/08_vae.ipynb #439f1017
 def check_latent_shape(fn, **kwargs) -> bool:
     "Check an implementation of `latent_shape(height, width, config, batch_size)` on hidden cases."
-    cases = [Case("SD3 at 1024x1024", (1024, 1024, VAEConfig.sd3(), 1)),
-             Case("SD 1/2, two portrait pictures", (768, 512, VAEConfig.sd(), 2)),
-             Case("SD3 at a wide aspect ratio", (832, 1216, VAEConfig.sd3(), 1)),
-             Case("a VAE with two levels (factor 2)", (6, 10, VAEConfig.tiny(block_out_channels=(8, 16)), 3)),
-             Case("a VAE with one level (no downsampling)", (5, 7, VAEConfig.tiny(block_out_channels=(8,), latent_channels=4), 1))]
+    cases = [
+        Case("SD3 at 1024x1024", (1024, 1024, VAEConfig.sd3(), 1)),
+        Case("SD 1/2, two portrait pictures", (768, 512, VAEConfig.sd(), 2)),
+        Case("SD3 at a wide aspect ratio", (832, 1216, VAEConfig.sd3(), 1)),
+        Case("a VAE with two levels (factor 2)", (6, 10, VAEConfig.tiny(block_out_channels=(8, 16)), 3)),
+        Case(
+            "a VAE with one level (no downsampling)",
+            (5, 7, VAEConfig.tiny(block_out_channels=(8,), latent_channels=4), 1),
+        ),
+    ]
     return run_checks(fn, latent_shape, cases, **kwargs)
+
 
 def check_reparameterize(fn, **kwargs) -> bool:
     "Check an implementation of `reparameterize(mean, logvar, noise)` on hidden cases."
-    cases = [Case("two numbers", (torch.tensor([0.5, -1.0]), torch.tensor([0.0, 2.0]), torch.tensor([1.0, -0.5]))),
-             Case("a latent-shaped batch", (randn((2, 16, 4, 4), seed=1), randn((2, 16, 4, 4), seed=2), randn((2, 16, 4, 4), seed=3))),
-             Case("a nearly deterministic posterior (log-variance -20)", (randn((3, 4), seed=4), torch.full((3, 4), -20.0), randn((3, 4), seed=5))),
-             Case("zero noise", (randn((5,), seed=6), randn((5,), seed=7), torch.zeros(5)))]
+    cases = [
+        Case("two numbers", (torch.tensor([0.5, -1.0]), torch.tensor([0.0, 2.0]), torch.tensor([1.0, -0.5]))),
+        Case(
+            "a latent-shaped batch",
+            (randn((2, 16, 4, 4), seed=1), randn((2, 16, 4, 4), seed=2), randn((2, 16, 4, 4), seed=3)),
+        ),
+        Case(
+            "a nearly deterministic posterior (log-variance -20)",
+            (randn((3, 4), seed=4), torch.full((3, 4), -20.0), randn((3, 4), seed=5)),
+        ),
+        Case("zero noise", (randn((5,), seed=6), randn((5,), seed=7), torch.zeros(5))),
+    ]
     return run_checks(fn, reparameterize, cases, **kwargs)
