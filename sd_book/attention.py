@@ -12,76 +12,96 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import randn
-from .t5 import T5LayerNorm as RMSNorm                          # chapter 7's RMSNorm, under its general name
+from .t5 import T5LayerNorm as RMSNorm  # chapter 7's RMSNorm, under its general name
 from .testing import Case, run_checks
 
 # %% ../nbs/09_attention.ipynb #4d940b67
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
     "Raise a ValueError unless q (..., Lq, d), k (..., Lk, d) and v (..., Lk, dv) fit together."
-    if q.ndim < 2 or k.ndim < 2: raise ValueError(f"q and k must be shaped (..., L, d), got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.shape[-1] != k.shape[-1]: raise ValueError(f"q and k must have the same head size d (last dim), got {q.shape[-1]} and {k.shape[-1]}")
-    if v is not None and v.shape[-2] != k.shape[-2]: raise ValueError(f"k and v must have the same number of tokens (dim -2), got {k.shape[-2]} and {v.shape[-2]}")
+    if q.ndim < 2 or k.ndim < 2:
+        raise ValueError(f"q and k must be shaped (..., L, d), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head size d (last dim), got {q.shape[-1]} and {k.shape[-1]}")
+    if v is not None and v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"k and v must have the same number of tokens (dim -2), got {k.shape[-2]} and {v.shape[-2]}")
 
 # %% ../nbs/09_attention.ipynb #5e3fa633
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    "The attention matrix softmax(q k^T / sqrt(d)), shape (..., Lq, Lk); `mask` is boolean (True = may attend) or additive."
+    """The attention matrix softmax(q k^T / sqrt(d)), shape (..., Lq, Lk); `mask` is boolean (True = may attend) or
+    additive."""
     _check_qkv(q, k)
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)          # (..., Lq, Lk)
-    if mask is None: return logits.softmax(-1)
-    if mask.dtype != torch.bool: return (logits + mask).softmax(-1)
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (..., Lq, Lk)
+    if mask is None:
+        return logits.softmax(-1)
+    if mask.dtype != torch.bool:
+        return (logits + mask).softmax(-1)
     p = logits.masked_fill(~mask, float("-inf")).softmax(-1)
-    return p.masked_fill(~mask.any(-1, keepdim=True), 0.0)           # a query that may see nothing gets zeros, not NaN
+    return p.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # a query that may see nothing gets zeros, not NaN
 
 # %% ../nbs/09_attention.ipynb #bd847441
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    "Naive scaled dot-product attention softmax(q k^T / sqrt(d)) v: q (..., Lq, d), k (..., Lk, d), v (..., Lk, dv) -> (..., Lq, dv)."
+    """Naive scaled dot-product attention softmax(q k^T / sqrt(d)) v: q (..., Lq, d), k (..., Lk, d), v (..., Lk, dv) ->
+    (..., Lq, dv)."""
     _check_qkv(q, k, v)
     return attention_weights(q, k, mask) @ v
 
 # %% ../nbs/09_attention.ipynb #f54762f8
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     "(B, L, H*d) -> (B, H, L, d): head h takes features h*d ... (h+1)*d - 1."
-    if x.ndim != 3: raise ValueError(f"Expected a tensor shaped (B, L, D), got {tuple(x.shape)}")
+    if x.ndim != 3:
+        raise ValueError(f"Expected a tensor shaped (B, L, D), got {tuple(x.shape)}")
     B, L, D = x.shape
-    if D % num_heads: raise ValueError(f"The width D={D} is not divisible by num_heads={num_heads}")
+    if D % num_heads:
+        raise ValueError(f"The width D={D} is not divisible by num_heads={num_heads}")
     return x.view(B, L, num_heads, D // num_heads).transpose(1, 2)
 
 # %% ../nbs/09_attention.ipynb #dde91103
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     "(B, H, L, d) -> (B, L, H*d), the inverse of `split_heads`."
-    if x.ndim != 4: raise ValueError(f"Expected a tensor shaped (B, H, L, d), got {tuple(x.shape)}")
+    if x.ndim != 4:
+        raise ValueError(f"Expected a tensor shaped (B, H, L, d), got {tuple(x.shape)}")
     B, H, L, d = x.shape
     return x.transpose(1, 2).reshape(B, L, H * d)
 
 # %% ../nbs/09_attention.ipynb #d442b11b
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    "Scaled dot-product attention with PyTorch's fused kernel: same arguments and result as `attention`, without storing the (Lq, Lk) matrix."
+    """Scaled dot-product attention with PyTorch's fused kernel: same arguments and result as `attention`, without
+    storing the (Lq, Lk) matrix."""
     _check_qkv(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 # %% ../nbs/09_attention.ipynb #cd42d6aa
 class SelfAttention(nn.Module):
-    "Multi-head self-attention with SD3's parameter names: fused `qkv`, optional RMSNorm `ln_q`/`ln_k` per head, output `proj`."
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: str | None = None, pre_only: bool = False):
+    """Multi-head self-attention with SD3's parameter names: fused `qkv`, optional RMSNorm `ln_q`/`ln_k` per head,
+    output `proj`."""
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: str | None = None, pre_only: bool = False
+    ):
         super().__init__()
-        if dim % num_heads: raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        if qk_norm not in (None, "rms"): raise ValueError(f"Unknown qk_norm {qk_norm!r}: expected None or 'rms' (RMSNorm on each head's q and k)")
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        if qk_norm not in (None, "rms"):
+            raise ValueError(f"Unknown qk_norm {qk_norm!r}: expected None or 'rms' (RMSNorm on each head's q and k)")
         self.dim, self.num_heads, self.head_dim, self.pre_only = dim, num_heads, dim // num_heads, pre_only
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.ln_q = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.ln_k = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        if not pre_only: self.proj = nn.Linear(dim, dim)
+        if not pre_only:
+            self.proj = nn.Linear(dim, dim)
 
     def pre_attention(self, x: torch.Tensor) -> tuple:
         "Tokens (B, L, D) -> (q, k, v), each (B, H, L, d), with q and k normalised when qk_norm is on."
-        if x.ndim != 3 or x.shape[-1] != self.dim: raise ValueError(f"Expected tokens shaped (B, L, {self.dim}), got {tuple(x.shape)}")
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"Expected tokens shaped (B, L, {self.dim}), got {tuple(x.shape)}")
         B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)   # each (B, H, L, d)
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, H, L, d)
         return self.ln_q(q), self.ln_k(k), v
 
     def post_attention(self, o: torch.Tensor) -> torch.Tensor:
         "Attention output with heads merged (B, L, D) -> the output projection `proj(o)`."
-        if self.pre_only: raise RuntimeError("This SelfAttention was built with pre_only=True: it has no output projection `proj`")
+        if self.pre_only:
+            raise RuntimeError("This SelfAttention was built with pre_only=True: it has no output projection `proj`")
         return self.proj(o)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,33 +110,45 @@ class SelfAttention(nn.Module):
 
 # %% ../nbs/09_attention.ipynb #b7139fe5
 def _check_streams(streams) -> None:
-    "Raise a ValueError unless `streams` is a non-empty list of (q, k, v) triples with matching batch, heads and head size."
-    if not streams: raise ValueError("joint attention needs at least one stream of (q, k, v)")
+    """Raise a ValueError unless `streams` is a non-empty list of (q, k, v) triples with matching batch, heads and head
+    size."""
+    if not streams:
+        raise ValueError("joint attention needs at least one stream of (q, k, v)")
     for i, s in enumerate(streams):
-        if len(s) != 3: raise ValueError(f"stream {i} should be a (q, k, v) triple, got {len(s)} tensors")
+        if len(s) != 3:
+            raise ValueError(f"stream {i} should be a (q, k, v) triple, got {len(s)} tensors")
         for t in s:
-            if t.ndim != 4: raise ValueError(f"stream {i}: q, k, v must be shaped (B, H, L, d), got {tuple(t.shape)}")
-            bhd, bhd0 = (t.shape[0], t.shape[1], t.shape[3]), (streams[0][0].shape[0], streams[0][0].shape[1], streams[0][0].shape[3])
-            if bhd != bhd0: raise ValueError(f"stream {i} has (B, H, d) = {bhd}, stream 0 has {bhd0}: all streams need the same batch, heads and head size")
+            if t.ndim != 4:
+                raise ValueError(f"stream {i}: q, k, v must be shaped (B, H, L, d), got {tuple(t.shape)}")
+            bhd, bhd0 = (
+                (t.shape[0], t.shape[1], t.shape[3]),
+                (streams[0][0].shape[0], streams[0][0].shape[1], streams[0][0].shape[3]),
+            )
+            if bhd != bhd0:
+                raise ValueError(
+                    f"stream {i} has (B, H, d) = {bhd}, stream 0 has {bhd0}: all streams need the same batch, heads and head size"
+                )
 
 # %% ../nbs/09_attention.ipynb #aad8d67a
 def joint_attention(streams: list, attn_fn=sdpa) -> list:
-    "Concatenate the (q, k, v) of each stream (each (B, H, L_i, d)) along tokens, attend once with `attn_fn`, split: a list of (B, L_i, H*d)."
+    """Concatenate the (q, k, v) of each stream (each (B, H, L_i, d)) along tokens, attend once with `attn_fn`, split: a
+    list of (B, L_i, H*d)."""
     _check_streams(streams)
-    q, k, v = (torch.cat([s[i] for s in streams], dim=2) for i in range(3))    # (B, H, sum L_i, d)
-    o = merge_heads(attn_fn(q, k, v))                                            # (B, sum L_i, D)
+    q, k, v = (torch.cat([s[i] for s in streams], dim=2) for i in range(3))  # (B, H, sum L_i, d)
+    o = merge_heads(attn_fn(q, k, v))  # (B, sum L_i, D)
     return list(o.split([s[0].shape[2] for s in streams], dim=1))
 
 # %% ../nbs/09_attention.ipynb #3aeb3036
 def joint_attention_blocks(streams: list) -> list:
-    "Joint attention computed block by block (logits of each stream pair, shared softmax normaliser per query); equals `joint_attention`."
+    """Joint attention computed block by block (logits of each stream pair, shared softmax normaliser per query); equals
+    `joint_attention`."""
     _check_streams(streams)
     outs = []
     for q, _, _ in streams:
-        blocks = [(q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) for _, k, _ in streams]   # (B, H, L_q, L_j) each
-        m = torch.stack([s.amax(-1) for s in blocks]).amax(0).unsqueeze(-1)                # row maximum over all blocks
+        blocks = [(q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) for _, k, _ in streams]  # (B, H, L_q, L_j) each
+        m = torch.stack([s.amax(-1) for s in blocks]).amax(0).unsqueeze(-1)  # row maximum over all blocks
         e = [(s - m).exp() for s in blocks]
-        Z = sum(ej.sum(-1, keepdim=True) for ej in e)                                     # shared normaliser
+        Z = sum(ej.sum(-1, keepdim=True) for ej in e)  # shared normaliser
         outs.append(merge_heads(sum(ej @ v for ej, (_, _, v) in zip(e, streams)) / Z))
     return outs
 
@@ -124,18 +156,32 @@ def joint_attention_blocks(streams: list) -> list:
 def check_attention(fn, **kwargs) -> bool:
     "Check an implementation of `attention(q, k, v, mask=None)` on hidden cases; prints which case failed."
     causal = torch.ones(6, 6, dtype=torch.bool).tril()
-    cases = [Case("one head, 3 queries and 3 keys", tuple(randn((3, 4), seed=s) for s in range(3))),
-             Case("batch 2, 4 heads, 5 queries, 7 keys, value size 6", (randn((2, 4, 5, 8), seed=3), randn((2, 4, 7, 8), seed=4), randn((2, 4, 7, 6), seed=5))),
-             Case("large logits", (10 * randn((1, 2, 4, 16), seed=6), 10 * randn((1, 2, 4, 16), seed=7), randn((1, 2, 4, 16), seed=8))),
-             Case("a causal boolean mask", tuple(randn((2, 6, 8), seed=s) for s in (9, 10, 11)), {"mask": causal})]
-    return run_checks(fn, attention, cases, name="attention", **{"atol": 1e-4, "rtol": 1e-4, **kwargs})   # large logits amplify rounding
+    cases = [
+        Case("one head, 3 queries and 3 keys", tuple(randn((3, 4), seed=s) for s in range(3))),
+        Case(
+            "batch 2, 4 heads, 5 queries, 7 keys, value size 6",
+            (randn((2, 4, 5, 8), seed=3), randn((2, 4, 7, 8), seed=4), randn((2, 4, 7, 6), seed=5)),
+        ),
+        Case(
+            "large logits",
+            (10 * randn((1, 2, 4, 16), seed=6), 10 * randn((1, 2, 4, 16), seed=7), randn((1, 2, 4, 16), seed=8)),
+        ),
+        Case("a causal boolean mask", tuple(randn((2, 6, 8), seed=s) for s in (9, 10, 11)), {"mask": causal}),
+    ]
+    # large logits amplify rounding
+    return run_checks(fn, attention, cases, name="attention", **{"atol": 1e-4, "rtol": 1e-4, **kwargs})
 
 # %% ../nbs/09_attention.ipynb #c57b35b2
 def check_joint_attention(fn, **kwargs) -> bool:
     "Check an implementation of `joint_attention(streams)` on hidden cases; prints which case failed."
-    def stream(B, H, L, d, seed): return tuple(randn((B, H, L, d), seed=seed + i) for i in range(3))
-    cases = [Case("text (4 tokens) and image (9 tokens), 2 heads", ([stream(1, 2, 4, 8, 0), stream(1, 2, 9, 8, 10)],)),
-             Case("batch 2, image first, then text", ([stream(2, 3, 16, 4, 20), stream(2, 3, 5, 4, 30)],)),
-             Case("a single stream", ([stream(1, 1, 6, 8, 40)],)),
-             Case("three streams", ([stream(1, 2, 3, 8, 50), stream(1, 2, 7, 8, 60), stream(1, 2, 2, 8, 70)],))]
+
+    def stream(B, H, L, d, seed):
+        return tuple(randn((B, H, L, d), seed=seed + i) for i in range(3))
+
+    cases = [
+        Case("text (4 tokens) and image (9 tokens), 2 heads", ([stream(1, 2, 4, 8, 0), stream(1, 2, 9, 8, 10)],)),
+        Case("batch 2, image first, then text", ([stream(2, 3, 16, 4, 20), stream(2, 3, 5, 4, 30)],)),
+        Case("a single stream", ([stream(1, 1, 6, 8, 40)],)),
+        Case("three streams", ([stream(1, 2, 3, 8, 50), stream(1, 2, 7, 8, 60), stream(1, 2, 2, 8, 70)],)),
+    ]
     return run_checks(fn, joint_attention, cases, name="joint_attention", **kwargs)

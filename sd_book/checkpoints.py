@@ -31,14 +31,24 @@ from .testing import Case, run_checks
 
 # %% ../nbs/05_checkpoints.ipynb #90b27686
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 # %% ../nbs/05_checkpoints.ipynb #c18708c6
 class CheckpointError(ValueError):
-    "A checkpoint that cannot be read: a corrupt or truncated file, an unknown layout, or keys that do not fit the model."
+    """A checkpoint that cannot be read: a corrupt or truncated file, an unknown layout, or keys that do not fit the
+    model."""
 
 # %% ../nbs/05_checkpoints.ipynb #cef63b58
 def _ints(x) -> bool:
@@ -47,77 +57,135 @@ def _ints(x) -> bool:
 
 # %% ../nbs/05_checkpoints.ipynb #ea1b8b9f
 def _check_entries(path, header: dict, data_len: int) -> None:
-    "Each tensor entry well formed, its byte size itemsize x numel (for known dtypes), and the entries tiling the data buffer exactly."
+    """Each tensor entry well formed, its byte size itemsize x numel (for known dtypes), and the entries tiling the data
+    buffer exactly."""
     spans = []
     for name, e in header.items():
-        if name == "__metadata__": continue
-        if not (isinstance(e, dict) and set(e) == {"dtype", "shape", "data_offsets"} and isinstance(e["dtype"], str) and _ints(e["shape"])
-                and _ints(e["data_offsets"]) and len(e["data_offsets"]) == 2):
-            raise CheckpointError(f"{path}: entry {name!r} should be {{'dtype': str, 'shape': [ints], 'data_offsets': [begin, end]}}, got {e!r}")
+        if name == "__metadata__":
+            continue
+        if not (
+            isinstance(e, dict)
+            and set(e) == {"dtype", "shape", "data_offsets"}
+            and isinstance(e["dtype"], str)
+            and _ints(e["shape"])
+            and _ints(e["data_offsets"])
+            and len(e["data_offsets"]) == 2
+        ):
+            raise CheckpointError(
+                f"{path}: entry {name!r} should be {{'dtype': str, 'shape': [ints], 'data_offsets': [begin, end]}}, got {e!r}"
+            )
         (begin, end), dtype = e["data_offsets"], SAFETENSORS_DTYPES.get(e["dtype"])
         if not begin <= end <= data_len:
-            raise CheckpointError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] outside the data buffer of {data_len} bytes: truncated file?")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] outside the data buffer of {data_len} bytes: truncated file?"
+            )
         if dtype is not None and end - begin != math.prod(e["shape"]) * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {name!r} ({e['dtype']}, shape {e['shape']}) needs {math.prod(e['shape']) * dtype.itemsize} bytes but its data_offsets span {end - begin}")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ({e['dtype']}, shape {e['shape']}) needs {math.prod(e['shape']) * dtype.itemsize} bytes but its data_offsets span {end - begin}"
+            )
         spans.append((begin, end, name))
     covered, previous = 0, None
     for begin, end, name in sorted(spans):
-        if begin < covered: raise CheckpointError(f"{path}: tensors {previous!r} and {name!r} overlap in the data buffer")
-        if begin > covered: raise CheckpointError(f"{path}: bytes {covered} to {begin} of the data buffer belong to no tensor (the format forbids holes)")
+        if begin < covered:
+            raise CheckpointError(f"{path}: tensors {previous!r} and {name!r} overlap in the data buffer")
+        if begin > covered:
+            raise CheckpointError(
+                f"{path}: bytes {covered} to {begin} of the data buffer belong to no tensor (the format forbids holes)"
+            )
         covered, previous = end, name
-    if covered != data_len: raise CheckpointError(f"{path}: the last {data_len - covered} bytes belong to no tensor: corrupt, or something was appended")
+    if covered != data_len:
+        raise CheckpointError(
+            f"{path}: the last {data_len - covered} bytes belong to no tensor: corrupt, or something was appended"
+        )
 
 # %% ../nbs/05_checkpoints.ipynb #a23c2ea9
-MAX_HEADER_BYTES = 100_000_000   # the safetensors library refuses larger headers too
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
+
 
 def read_safetensors_header(path) -> tuple[dict, int]:
-    "Parse a safetensors header by hand: (the header dict as stored, the byte offset where the data starts), checked against the file."
+    """Parse a safetensors header by hand: (the header dict as stored, the byte offset where the data starts), checked
+    against the file."""
     path = Path(path)
     size = path.stat().st_size
-    if size < 8: raise CheckpointError(f"{path}: file too short ({size} bytes): a safetensors file starts with an 8-byte header length")
+    if size < 8:
+        raise CheckpointError(
+            f"{path}: file too short ({size} bytes): a safetensors file starts with an 8-byte header length"
+        )
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))                 # unsigned 64-bit, little-endian
-        if n > size - 8: raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes): truncated, or not a safetensors file")
-        if n > MAX_HEADER_BYTES: raise CheckpointError(f"{path}: header length {n} is over the limit of {MAX_HEADER_BYTES} bytes: not a safetensors file?")
+        (n,) = struct.unpack("<Q", f.read(8))  # unsigned 64-bit, little-endian
+        if n > size - 8:
+            raise CheckpointError(
+                f"{path}: header length {n} runs past the end of the file ({size} bytes): truncated, or not a safetensors file"
+            )
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path}: header length {n} is over the limit of {MAX_HEADER_BYTES} bytes: not a safetensors file?"
+            )
         raw = f.read(n)
-    try: header = json.loads(raw)
-    except ValueError as e: raise CheckpointError(f"{path}: the header is not valid JSON ({e}): not a safetensors file?") from None
-    if not isinstance(header, dict): raise CheckpointError(f"{path}: the header should be a JSON object, got {type(header).__name__}")
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the header is not valid JSON ({e}): not a safetensors file?") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header should be a JSON object, got {type(header).__name__}")
     _check_entries(path, header, size - 8 - n)
     return header, 8 + n
 
 # %% ../nbs/05_checkpoints.ipynb #7dfdab27
 def load_safetensors_by_hand(path) -> dict:
-    "Every tensor of a safetensors file, read with the hand-written header parser and plain file reads, as a dict name -> tensor."
-    if sys.byteorder != "little": raise NotImplementedError("safetensors stores little-endian bytes; this decoder reinterprets them in place, so it needs a little-endian machine")
+    """Every tensor of a safetensors file, read with the hand-written header parser and plain file reads, as a dict name
+    -> tensor."""
+    if sys.byteorder != "little":
+        raise NotImplementedError(
+            "safetensors stores little-endian bytes; this decoder reinterprets them in place, so it needs a little-endian machine"
+        )
     header, start = read_safetensors_header(path)
     tensors = {}
     with open(path, "rb") as f:
         for name, e in header.items():
-            if name == "__metadata__": continue
-            if e["dtype"] not in SAFETENSORS_DTYPES: raise CheckpointError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which this decoder does not know (known: {', '.join(SAFETENSORS_DTYPES)})")
+            if name == "__metadata__":
+                continue
+            if e["dtype"] not in SAFETENSORS_DTYPES:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} has dtype {e['dtype']}, which this decoder does not know (known: {', '.join(SAFETENSORS_DTYPES)})"
+                )
             dtype, (begin, end) = SAFETENSORS_DTYPES[e["dtype"]], e["data_offsets"]
             buf = bytearray(end - begin)
             f.seek(start + begin)
             f.readinto(buf)
-            flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)   # frombuffer refuses 0 bytes
+            # frombuffer refuses 0 bytes
+            flat = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype))
             tensors[name] = flat.reshape(e["shape"])
     return tensors
 
 # %% ../nbs/05_checkpoints.ipynb #bad45d78
 class LazyStateDict(Mapping):
-    "A read-only mapping name -> tensor that fetches each tensor only when asked (for files: a view into the memory-mapped file)."
+    """A read-only mapping name -> tensor that fetches each tensor only when asked (for files: a view into the memory-
+    mapped file)."""
+
     def __init__(self, getters: dict, source: str = "a state dict in memory"):
         self._getters, self.source = dict(getters), source
+
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._getters: raise KeyError(f"{name!r} is not in {self.source} ({len(self)} tensors)")
+        if name not in self._getters:
+            raise KeyError(f"{name!r} is not in {self.source} ({len(self)} tensors)")
         return self._getters[name]()
-    def __contains__(self, name) -> bool: return name in self._getters
-    def __iter__(self): return iter(self._getters)
-    def __len__(self) -> int: return len(self._getters)
-    def __repr__(self) -> str: return f"LazyStateDict({len(self)} tensors from {self.source})"
+
+    def __contains__(self, name) -> bool:
+        return name in self._getters
+
+    def __iter__(self):
+        return iter(self._getters)
+
+    def __len__(self) -> int:
+        return len(self._getters)
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({len(self)} tensors from {self.source})"
+
     def with_tensors(self, extra: dict) -> "LazyStateDict":
-        "A new LazyStateDict from the same source with the getters of `extra` (name -> function returning a tensor) added, replacing any of the same name."
+        """A new LazyStateDict from the same source with the getters of `extra` (name -> function returning a tensor)
+        added, replacing any of the same name."""
         return LazyStateDict({**self._getters, **extra}, self.source)
 
 # %% ../nbs/05_checkpoints.ipynb #9b33a3ee
@@ -126,83 +194,124 @@ def _few(names, n: int = 3) -> str:
     names = [str(x) for x in names]
     return ", ".join(names[:n]) + (f", ... and {len(names) - n} more" if len(names) > n else "")
 
+
 def _count(what: str, names) -> str:
     "'missing 3 keys: a, b, c'."
     return f"{what} {len(names)} key{'' if len(names) == 1 else 's'}: {_few(names)}"
 
 # %% ../nbs/05_checkpoints.ipynb #50b9e1f2
 def _open_safetensors(path: Path) -> dict:
-    "name -> getter for one safetensors file: the header checked by hand, the tensors views into safe_open's memory map."
+    """name -> getter for one safetensors file: the header checked by hand, the tensors views into safe_open's memory
+    map."""
     header, _ = read_safetensors_header(path)
     handle = safe_open(str(path), framework="pt", device="cpu")
     return {name: partial(handle.get_tensor, name) for name in header if name != "__metadata__"}
 
 # %% ../nbs/05_checkpoints.ipynb #2bd67381
 def _tensor_getters(tensors: Mapping, source: str) -> dict:
-    "name -> getter for a mapping whose values must all be tensors (a loaded pickle, a state dict in memory); `source` names it in the error."
+    """name -> getter for a mapping whose values must all be tensors (a loaded pickle, a state dict in memory); `source`
+    names it in the error."""
     bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
-    if bad: raise CheckpointError(f"{source} should map names to tensors, but {_few(bad)} {'is not a tensor' if len(bad) == 1 else 'are not tensors'}")
+    if bad:
+        raise CheckpointError(
+            f"{source} should map names to tensors, but {_few(bad)} {'is not a tensor' if len(bad) == 1 else 'are not tensors'}"
+        )
     return {k: (lambda v=v: v) for k, v in tensors.items()}
 
 # %% ../nbs/05_checkpoints.ipynb #113f74bf
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
+
 def _open_pickle(path: Path) -> dict:
-    "name -> getter for a torch pickle, loaded with weights_only=True (no code runs) and mmap=True (tensors stay on disk until touched)."
-    try: obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    """name -> getter for a torch pickle, loaded with weights_only=True (no code runs) and mmap=True (tensors stay on
+    disk until touched)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{path}: torch.load(weights_only=True, mmap=True) refused it ({str(e).splitlines()[0]}); re-save the weights as safetensors") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict): obj = obj["state_dict"]   # training checkpoints nest the weights
-    if not isinstance(obj, dict): raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
+        raise CheckpointError(
+            f"{path}: torch.load(weights_only=True, mmap=True) refused it ({str(e).splitlines()[0]}); re-save the weights as safetensors"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # training checkpoints nest the weights
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
     return _tensor_getters(obj, str(path))
 
 # %% ../nbs/05_checkpoints.ipynb #2a4fbff4
 def _open_index(path: Path) -> dict:
     "name -> getter for a sharded checkpoint: the index's weight_map says which shard file holds each key."
-    try: weight_map = dict(json.loads(path.read_text())["weight_map"])
+    try:
+        weight_map = dict(json.loads(path.read_text())["weight_map"])
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a checkpoint index (expected JSON with a 'weight_map' object of key -> shard file): {e!r}") from None
+        raise CheckpointError(
+            f"{path}: not a checkpoint index (expected JSON with a 'weight_map' object of key -> shard file): {e!r}"
+        ) from None
     shards = {}
     for shard in sorted(set(weight_map.values())):
-        if not (path.parent / shard).is_file(): raise CheckpointError(f"{path} lists the shard {shard!r}, which is not in {path.parent}: incomplete download?")
+        if not (path.parent / shard).is_file():
+            raise CheckpointError(
+                f"{path} lists the shard {shard!r}, which is not in {path.parent}: incomplete download?"
+            )
         shards[shard] = _open_file(path.parent / shard)
     absent = [k for k, shard in weight_map.items() if k not in shards[shard]]
-    if absent: raise CheckpointError(f"{path}: the shards lack {_few(absent)} ({len(absent)} of the keys in weight_map): incomplete or mismatched download?")
+    if absent:
+        raise CheckpointError(
+            f"{path}: the shards lack {_few(absent)} ({len(absent)} of the keys in weight_map): incomplete or mismatched download?"
+        )
     return {k: shards[shard][k] for k, shard in weight_map.items()}
 
 # %% ../nbs/05_checkpoints.ipynb #8b3986a5
 def _open_file(path: Path) -> dict:
     "name -> getter for one checkpoint file, chosen by its name."
-    if path.name.endswith(".index.json"): return _open_index(path)
-    if path.suffix == ".safetensors": return _open_safetensors(path)
-    if path.suffix in PICKLE_SUFFIXES: return _open_pickle(path)
-    raise CheckpointError(f"{path}: unknown checkpoint type; expected .safetensors, a sharded *.index.json, or a torch pickle ({', '.join(PICKLE_SUFFIXES)})")
+    if path.name.endswith(".index.json"):
+        return _open_index(path)
+    if path.suffix == ".safetensors":
+        return _open_safetensors(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _open_pickle(path)
+    raise CheckpointError(
+        f"{path}: unknown checkpoint type; expected .safetensors, a sharded *.index.json, or a torch pickle ({', '.join(PICKLE_SUFFIXES)})"
+    )
 
 # %% ../nbs/05_checkpoints.ipynb #97b6822a
 WEIGHT_PATTERNS = ("*.safetensors.index.json", "*.safetensors", "*.bin.index.json", "*.bin", "*.pt", "*.pth", "*.ckpt")
 STANDARD_NAMES = ("model", "diffusion_pytorch_model", "pytorch_model")
 
+
 def find_weights(folder) -> Path:
-    "The weights of a folder: its index if it has one, else its single weights file (Hugging Face and diffusers names win ties)."
+    """The weights of a folder: its index if it has one, else its single weights file (Hugging Face and diffusers names
+    win ties)."""
     folder = Path(folder)
     for pattern in WEIGHT_PATTERNS:
         found = sorted(folder.glob(pattern))
         standard = [p for p in found if p.name in {name + pattern[1:] for name in STANDARD_NAMES}]
-        if len(found) == 1 or len(standard) == 1: return (standard or found)[0]
-        if found: raise CheckpointError(f"{folder} holds several weight files matching {pattern} ({_few(p.name for p in found)}) and no index: pass the file you want")
+        if len(found) == 1 or len(standard) == 1:
+            return (standard or found)[0]
+        if found:
+            raise CheckpointError(
+                f"{folder} holds several weight files matching {pattern} ({_few(p.name for p in found)}) and no index: pass the file you want"
+            )
     below = sorted({p.parent.name for pattern in WEIGHT_PATTERNS[:2] for p in folder.glob("*/" + pattern)})
     hint = f"; its subfolders {', '.join(below)} hold weights: pass one of them" if below else ""
     raise CheckpointError(f"No weights in {folder} (looked for {', '.join(WEIGHT_PATTERNS)}){hint}")
 
 # %% ../nbs/05_checkpoints.ipynb #c8e10c34
 def open_checkpoint(source) -> LazyStateDict:
-    "A lazy name -> tensor mapping for a .safetensors file, a sharded *.index.json, a torch pickle, a folder holding one, a state dict or a module."
-    if isinstance(source, LazyStateDict): return source
-    if isinstance(source, torch.nn.Module): source = source.state_dict()
-    if isinstance(source, Mapping): return LazyStateDict(_tensor_getters(source, "The state dict"))
+    """A lazy name -> tensor mapping for a .safetensors file, a sharded *.index.json, a torch pickle, a folder holding
+    one, a state dict or a module."""
+    if isinstance(source, LazyStateDict):
+        return source
+    if isinstance(source, torch.nn.Module):
+        source = source.state_dict()
+    if isinstance(source, Mapping):
+        return LazyStateDict(_tensor_getters(source, "The state dict"))
     path = Path(source).expanduser()
-    if not path.exists(): raise FileNotFoundError(f"No checkpoint at {path}: expected a .safetensors file, an *.index.json, a torch pickle or a folder holding one (for a Hub repository, `download` it first)")
-    if path.is_dir(): path = find_weights(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No checkpoint at {path}: expected a .safetensors file, an *.index.json, a torch pickle or a folder holding one (for a Hub repository, `download` it first)"
+        )
+    if path.is_dir():
+        path = find_weights(path)
     return LazyStateDict(_open_file(path), str(path))
 
 # %% ../nbs/05_checkpoints.ipynb #1ca28c30
@@ -216,202 +325,299 @@ SD3_PREFIXES = {
 
 # %% ../nbs/05_checkpoints.ipynb #21bb2a22
 def find_prefixes(keys) -> list:
-    "The known single-file prefixes (values of `SD3_PREFIXES`) that some key starts with, in the order of `SD3_PREFIXES`."
+    """The known single-file prefixes (values of `SD3_PREFIXES`) that some key starts with, in the order of
+    `SD3_PREFIXES`."""
     keys = list(keys)
     return [p for p in SD3_PREFIXES.values() if any(k.startswith(p) for k in keys)]
 
 # %% ../nbs/05_checkpoints.ipynb #525b88c5
 def _rekey(keys_or_mapping, fn):
-    "Apply `fn` (name -> new name, or None to drop) to a list of keys, a dict or a LazyStateDict, returning the same kind; nothing is read."
-    if isinstance(keys_or_mapping, str): raise TypeError("Expected keys (a list) or a mapping, got a single string")
+    """Apply `fn` (name -> new name, or None to drop) to a list of keys, a dict or a LazyStateDict, returning the same
+    kind; nothing is read."""
+    if isinstance(keys_or_mapping, str):
+        raise TypeError("Expected keys (a list) or a mapping, got a single string")
     new = {}
     for k in keys_or_mapping:
         name = fn(k)
-        if name is None: continue
-        if name in new: raise CheckpointError(f"Renaming sends both {new[name]!r} and {k!r} to {name!r}")
+        if name is None:
+            continue
+        if name in new:
+            raise CheckpointError(f"Renaming sends both {new[name]!r} and {k!r} to {name!r}")
         new[name] = k
     if isinstance(keys_or_mapping, LazyStateDict):
         return LazyStateDict({name: keys_or_mapping._getters[k] for name, k in new.items()}, keys_or_mapping.source)
-    if isinstance(keys_or_mapping, Mapping): return {name: keys_or_mapping[k] for name, k in new.items()}
+    if isinstance(keys_or_mapping, Mapping):
+        return {name: keys_or_mapping[k] for name, k in new.items()}
     return list(new)
 
 # %% ../nbs/05_checkpoints.ipynb #91986990
 def strip_prefix(keys_or_mapping, prefix: str):
-    "Only the keys that start with `prefix` (a trailing '.' is added if missing), with the prefix removed; a list, dict or LazyStateDict as given."
-    if not prefix: return keys_or_mapping
+    """Only the keys that start with `prefix` (a trailing '.' is added if missing), with the prefix removed; a list,
+    dict or LazyStateDict as given."""
+    if not prefix:
+        return keys_or_mapping
     prefix = prefix if prefix.endswith(".") else prefix + "."
-    out = _rekey(keys_or_mapping, lambda k: k[len(prefix):] if k.startswith(prefix) else None)
+    out = _rekey(keys_or_mapping, lambda k: k[len(prefix) :] if k.startswith(prefix) else None)
     if not out and len(keys_or_mapping):
         found = find_prefixes(keys_or_mapping)
-        raise CheckpointError(f"No key starts with {prefix!r}; the keys begin like {_few(keys_or_mapping)}" + (f"; known prefixes present: {', '.join(found)}" if found else ""))
+        raise CheckpointError(
+            f"No key starts with {prefix!r}; the keys begin like {_few(keys_or_mapping)}"
+            + (f"; known prefixes present: {', '.join(found)}" if found else "")
+        )
     return out
 
 # %% ../nbs/05_checkpoints.ipynb #3a96427c
 def rename_keys(keys_or_mapping, rules):
-    "Rename keys with a short table of (regex, replacement) rules applied in order with re.sub; a replacement of None drops the keys that match."
+    """Rename keys with a short table of (regex, replacement) rules applied in order with re.sub; a replacement of None
+    drops the keys that match."""
     rules = [(re.compile(p), r) for p, r in (rules.items() if isinstance(rules, Mapping) else rules)]
+
     def rename(k):
         for pattern, replacement in rules:
             if replacement is None:
-                if pattern.search(k): return None
-            else: k = pattern.sub(replacement, k)
+                if pattern.search(k):
+                    return None
+            else:
+                k = pattern.sub(replacement, k)
         return k
+
     return _rekey(keys_or_mapping, rename)
 
 # %% ../nbs/05_checkpoints.ipynb #e5e40dd7
 def component_prefix(state, prefix: str | None, names: tuple, native: tuple = ()) -> str | None:
-    "The prefix to strip for one component: `prefix` (a name of `SD3_PREFIXES` or a literal), else none if a key starts with one of `native`, else the one prefix of `names` found in `state`."
-    if prefix is not None: return SD3_PREFIXES.get(prefix, prefix)
-    if native and any(k.startswith(native) for k in state): return None
+    """The prefix to strip for one component: `prefix` (a name of `SD3_PREFIXES` or a literal), else none if a key
+    starts with one of `native`, else the one prefix of `names` found in `state`."""
+    if prefix is not None:
+        return SD3_PREFIXES.get(prefix, prefix)
+    if native and any(k.startswith(native) for k in state):
+        return None
     present = find_prefixes(state)
     found = [n for n in names if SD3_PREFIXES[n] in present]
-    if len(found) > 1: raise CheckpointError(f"{state.source} holds {' and '.join(found)} (an all-in-one file): pass " + " or ".join(f"prefix={n!r}" for n in found))
+    if len(found) > 1:
+        raise CheckpointError(
+            f"{state.source} holds {' and '.join(found)} (an all-in-one file): pass "
+            + " or ".join(f"prefix={n!r}" for n in found)
+        )
     return SD3_PREFIXES[found[0]] if found else None
 
 # %% ../nbs/05_checkpoints.ipynb #837709a8
 def wrong_model_error(state, what: str, expected: str) -> CheckpointError:
-    "The error for a checkpoint that is not `what`: the keys `expected`, a few keys found instead, and the single-file prefixes present."
+    """The error for a checkpoint that is not `what`: the keys `expected`, a few keys found instead, and the single-file
+    prefixes present."""
     found = find_prefixes(state)
-    return CheckpointError(f"{state.source} does not look like {what}: expected {expected}, found keys like {_few(state)}"
-                           + (f"; it holds the single-file prefixes {', '.join(found)}" if found else ""))
+    return CheckpointError(
+        f"{state.source} does not look like {what}: expected {expected}, found keys like {_few(state)}"
+        + (f"; it holds the single-file prefixes {', '.join(found)}" if found else "")
+    )
 
 # %% ../nbs/05_checkpoints.ipynb #98437a87
 def _in_hf_folder(path: Path) -> bool:
-    "Whether `path` is a weights file that belongs to its folder: a Hugging Face / diffusers name of `find_weights`, or a sharded index."
-    return path.name.endswith(".index.json") or path.name in {name + pattern[1:] for name in STANDARD_NAMES for pattern in WEIGHT_PATTERNS}
+    """Whether `path` is a weights file that belongs to its folder: a Hugging Face / diffusers name of `find_weights`,
+    or a sharded index."""
+    return path.name.endswith(".index.json") or path.name in {
+        name + pattern[1:] for name in STANDARD_NAMES for pattern in WEIGHT_PATTERNS
+    }
+
 
 def read_config(path) -> dict | None:
-    "The config.json of a folder, given directly, or beside a weights file with a Hugging Face / diffusers name or an *.index.json, as a dict; None when there is none, or when `path` is not a path (a state dict)."
-    if not isinstance(path, (str, os.PathLike)): return None
+    """The config.json of a folder, given directly, or beside a weights file with a Hugging Face / diffusers name or an
+    *.index.json, as a dict; None when there is none, or when `path` is not a path (a state dict)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
     path = Path(path)
-    if path.is_file() and _in_hf_folder(path): path = path.parent
-    if path.is_dir(): path = path / "config.json"
-    if path.name != "config.json" or not path.is_file(): return None
-    try: return json.loads(path.read_text())
-    except ValueError as e: raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if path.is_file() and _in_hf_folder(path):
+        path = path.parent
+    if path.is_dir():
+        path = path / "config.json"
+    if path.name != "config.json" or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 # %% ../nbs/05_checkpoints.ipynb #12df7b5b
 def component_folder(source, name: str):
-    "The `name/` subfolder of a diffusers pipeline folder `source`; anything else (a file, a component folder, a state dict) unchanged."
-    if isinstance(source, (str, os.PathLike)) and (Path(source) / name).is_dir(): return Path(source) / name
+    """The `name/` subfolder of a diffusers pipeline folder `source`; anything else (a file, a component folder, a state
+    dict) unchanged."""
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / name).is_dir():
+        return Path(source) / name
     return source
 
 # %% ../nbs/05_checkpoints.ipynb #49830cc0
 def cast_tensor(t: torch.Tensor, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
     "`t` on `device` and, if it is floating point, in `dtype` (None keeps each); the same tensor when nothing changes."
-    return t.to(device=t.device if device is None else device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+    return t.to(
+        device=t.device if device is None else device,
+        dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
+    )
 
 # %% ../nbs/05_checkpoints.ipynb #f2bfe5be
 def _fetch(state: Mapping, name: str, dtype, device) -> torch.Tensor:
     "state[name], cast as asked (a getter for LazyStateDict)."
     return cast_tensor(state[name], dtype, device)
 
+
 def load_state_dict(source, prefix: str | None = None, dtype: torch.dtype | None = None, device=None) -> LazyStateDict:
-    "`open_checkpoint(source)`, keeping only the keys under `prefix` (stripped), with floats cast to `dtype` and tensors moved to `device` as they are fetched."
+    """`open_checkpoint(source)`, keeping only the keys under `prefix` (stripped), with floats cast to `dtype` and
+    tensors moved to `device` as they are fetched."""
     state = open_checkpoint(source)
-    if prefix: state = strip_prefix(state, prefix)
-    if device is None and dtype is None: return state
+    if prefix:
+        state = strip_prefix(state, prefix)
+    if device is None and dtype is None:
+        return state
     return LazyStateDict({k: partial(_fetch, state, k, dtype, device) for k in state}, state.source)
 
 # %% ../nbs/05_checkpoints.ipynb #e73016dd
 class CheckpointMismatchError(CheckpointError):
     "A checkpoint whose keys or shapes do not fit the module it is loaded into."
 
+
 def _prefix_hint(missing: list, unexpected: list) -> str:
     "A hint when the unexpected keys are the missing ones under some prefix."
     counts = Counter(u[: -len(m)] for m in missing[:50] for u in unexpected if u.endswith("." + m))
-    if not counts: return ""
+    if not counts:
+        return ""
     prefix = counts.most_common(1)[0][0]
     return f" (the unexpected keys look like the missing ones under the prefix {prefix!r}: load with prefix={prefix!r} or strip_prefix)"
 
 # %% ../nbs/05_checkpoints.ipynb #f1d8bbdc
 def _check_state(module: torch.nn.Module, state: Mapping, strict: bool) -> dict:
-    "name -> checkpoint tensor for the module's state_dict keys found in `state` (views: nothing read), after checking names and shapes."
+    """name -> checkpoint tensor for the module's state_dict keys found in `state` (views: nothing read), after checking
+    names and shapes."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     found = {k: state[k] for k in expected if k in state}
-    wrong = [f"{k} (checkpoint {tuple(t.shape)}, module {tuple(expected[k].shape)})" for k, t in found.items() if t.shape != expected[k].shape]
-    reported = [("missing", missing if strict else [k for k in missing if expected[k].is_meta]),
-                ("unexpected", unexpected if strict else []), ("wrong shape for", wrong)]
+    wrong = [
+        f"{k} (checkpoint {tuple(t.shape)}, module {tuple(expected[k].shape)})"
+        for k, t in found.items()
+        if t.shape != expected[k].shape
+    ]
+    reported = [
+        ("missing", missing if strict else [k for k in missing if expected[k].is_meta]),
+        ("unexpected", unexpected if strict else []),
+        ("wrong shape for", wrong),
+    ]
     problems = [_count(what, names) for what, names in reported if names]
     if problems:
         source = getattr(state, "source", "the state dict")
-        raise CheckpointMismatchError(f"{type(module).__name__} does not match {source}: " + "; ".join(problems) + _prefix_hint(missing, unexpected))
+        raise CheckpointMismatchError(
+            f"{type(module).__name__} does not match {source}: "
+            + "; ".join(problems)
+            + _prefix_hint(missing, unexpected)
+        )
     return found
 
 # %% ../nbs/05_checkpoints.ipynb #88b171cc
-def load_into(module_or_factory, state, strict: bool = True, dtype: torch.dtype | None = None, device=None) -> torch.nn.Module:
+def load_into(
+    module_or_factory, state, strict: bool = True, dtype: torch.dtype | None = None, device=None
+) -> torch.nn.Module:
     "Load `state` (anything `open_checkpoint` takes) into a module, or into the one a factory builds on the meta device, by assigning the checkpoint's tensors: no second copy."
-    if isinstance(module_or_factory, torch.nn.Module): module = module_or_factory
+    if isinstance(module_or_factory, torch.nn.Module):
+        module = module_or_factory
     else:
-        with torch.device("meta"): module = module_or_factory()
-        if not isinstance(module, torch.nn.Module): raise TypeError(f"The factory should return a torch.nn.Module, got {type(module).__name__}")
+        with torch.device("meta"):
+            module = module_or_factory()
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"The factory should return a torch.nn.Module, got {type(module).__name__}")
     found = _check_state(module, open_checkpoint(state), strict)
-    tensors = {k: cast_tensor(t, dtype, device) for k, t in found.items()}        # a view when nothing changes
+    tensors = {k: cast_tensor(t, dtype, device) for k, t in found.items()}  # a view when nothing changes
     module.load_state_dict(tensors, strict=False, assign=True)
     left = [n for n, t in chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
-    if left: raise CheckpointMismatchError(f"{type(module).__name__}: {_count('', left).strip()} still on the meta device after loading. Non-persistent buffers are not in checkpoints: "
-                                           "compute them in forward, or pass a module built on a real device instead of a factory")
+    if left:
+        raise CheckpointMismatchError(
+            f"{type(module).__name__}: {_count('', left).strip()} still on the meta device after loading. Non-persistent buffers are not in checkpoints: "
+            "compute them in forward, or pass a module built on a real device instead of a factory"
+        )
     return module
 
 # %% ../nbs/05_checkpoints.ipynb #cd26ac60
 class DownloadError(OSError):
     "A Hugging Face Hub download that failed, with what to do about it."
 
+
 _LOGIN = "set HF_TOKEN=hf_... (a token from https://huggingface.co/settings/tokens) or run `hf auth login` (`huggingface-cli login` in older versions)"
+
 
 def _explain_hub_error(e: Exception, repo_id: str, filename: str | None, revision: str | None) -> str | None:
     "What went wrong and what to do, for the Hub's usual errors; None for the others."
     from huggingface_hub import errors
+
     what = f"{filename!r} from {repo_id}" if filename else repo_id
     if isinstance(e, errors.GatedRepoError):
         return f"{repo_id} is a gated repository: open https://huggingface.co/{repo_id} while logged in and accept its licence, then {_LOGIN} with a token of that account. ({e})"
     if isinstance(e, errors.RepositoryNotFoundError):
         return f"No repository {repo_id!r} on the Hub, or it is private or gated and no valid token was sent: check the name, and {_LOGIN}. ({e})"
-    if isinstance(e, errors.RevisionNotFoundError): return f"{repo_id} has no revision {revision!r}: use a branch, tag or commit hash that exists. ({e})"
+    if isinstance(e, errors.RevisionNotFoundError):
+        return f"{repo_id} has no revision {revision!r}: use a branch, tag or commit hash that exists. ({e})"
     if isinstance(e, errors.LocalEntryNotFoundError):
         return f"{what} is not in the local cache and the Hub cannot be reached: there is no network, or HF_HUB_OFFLINE=1 is set (offline mode only uses the cache). Download once with network, or pass a local path. ({e})"
-    if isinstance(e, errors.EntryNotFoundError): return f"{repo_id} has no file {filename!r} (at revision {revision or 'main'}): check the file name. ({e})"
+    if isinstance(e, errors.EntryNotFoundError):
+        return f"{repo_id} has no file {filename!r} (at revision {revision or 'main'}): check the file name. ({e})"
     if isinstance(e, errors.HfHubHTTPError) and getattr(e.response, "status_code", None) in (401, 403):
         return f"The Hub refused access to {what} (HTTP {e.response.status_code}): {_LOGIN}. ({e})"
     return None
 
 # %% ../nbs/05_checkpoints.ipynb #98d1e15e
-def download(repo_id: str, filename: str | None = None, allow_patterns=None, revision: str | None = None,
-             token: str | None = None, cache_dir=None) -> str:
+def download(
+    repo_id: str,
+    filename: str | None = None,
+    allow_patterns=None,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir=None,
+) -> str:
     "Local path of `filename` from a Hub repository, or of a snapshot of it (only files matching `allow_patterns`); an existing local path is returned as it is."
     local = Path(repo_id).expanduser()
     if local.exists():
-        if filename is None: return str(local)
-        if (local / filename).exists(): return str(local / filename)
+        if filename is None:
+            return str(local)
+        if (local / filename).exists():
+            return str(local / filename)
         raise FileNotFoundError(f"{local} is a local path, but it has no {filename!r}")
     import huggingface_hub as hub
-    token = token or os.environ.get("HF_TOKEN") or None                  # None: huggingface_hub falls back to the stored login
+
+    token = token or os.environ.get("HF_TOKEN") or None  # None: huggingface_hub falls back to the stored login
     try:
-        if filename is not None: return hub.hf_hub_download(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir)
-        return hub.snapshot_download(repo_id, allow_patterns=allow_patterns, revision=revision, token=token, cache_dir=cache_dir)
+        if filename is not None:
+            return hub.hf_hub_download(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir)
+        return hub.snapshot_download(
+            repo_id, allow_patterns=allow_patterns, revision=revision, token=token, cache_dir=cache_dir
+        )
     except Exception as e:
         advice = _explain_hub_error(e, repo_id, filename, revision)
-        if advice is None: raise
+        if advice is None:
+            raise
         raise DownloadError(advice) from e
 
 # %% ../nbs/05_checkpoints.ipynb #e20bb5c1
 def _header_cases(folder: Path) -> list:
     "Deterministic safetensors files written into `folder`, as cases for check_read_header."
     from safetensors.torch import save_file
+
     g = torch.Generator().manual_seed(0)
-    files = {"one float32 matrix": ({"w": torch.randn(3, 5, generator=g)}, None),
-             "several dtypes, with metadata": ({"a": torch.randn(7, generator=g).half(), "b": torch.arange(4), "c": torch.ones(2, 3, dtype=torch.bool)}, {"format": "pt"}),
-             "no tensors at all": ({}, None),
-             "a scalar, an empty tensor and an fp8 one": ({"s": torch.tensor(1.5), "e": torch.zeros(0, 2), "f": torch.ones(9).to(torch.float8_e4m3fn)}, None)}
+    files = {
+        "one float32 matrix": ({"w": torch.randn(3, 5, generator=g)}, None),
+        "several dtypes, with metadata": (
+            {"a": torch.randn(7, generator=g).half(), "b": torch.arange(4), "c": torch.ones(2, 3, dtype=torch.bool)},
+            {"format": "pt"},
+        ),
+        "no tensors at all": ({}, None),
+        "a scalar, an empty tensor and an fp8 one": (
+            {"s": torch.tensor(1.5), "e": torch.zeros(0, 2), "f": torch.ones(9).to(torch.float8_e4m3fn)},
+            None,
+        ),
+    }
     cases = []
     for i, (name, (tensors, metadata)) in enumerate(files.items()):
         save_file(tensors, str(folder / f"case{i}.safetensors"), metadata=metadata)
         cases.append(Case(name, (str(folder / f"case{i}.safetensors"),)))
     return cases
 
+
 def check_read_header(fn, **kwargs) -> bool:
-    "Check an implementation of `read_safetensors_header(path) -> (header, data_offset)` on hidden files; prints which case failed."
+    """Check an implementation of `read_safetensors_header(path) -> (header, data_offset)` on hidden files; prints which
+    case failed."""
     with tempfile.TemporaryDirectory(prefix="check_read_header_") as folder:
         return run_checks(fn, read_safetensors_header, _header_cases(Path(folder)), name="read_header", **kwargs)

@@ -20,29 +20,45 @@ from torch.profiler import ProfilerActivity, profile
 def get_device(device: str | torch.device | None = None) -> torch.device:
     "The requested device, or the best available one (CUDA, then MPS, then CPU) when `device` is None or 'auto'."
     if device is None or device == "auto":
-        if torch.cuda.is_available(): return torch.device("cuda")
-        if torch.backends.mps.is_available(): return torch.device("mps")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
         return torch.device("cpu")
-    try: device = torch.device(device)
-    except RuntimeError as e: raise ValueError(f"Unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'") from e
-    if device.type == "cuda" and not torch.cuda.is_available(): raise ValueError("CUDA was requested but torch.cuda.is_available() is False")
-    if device.type == "mps" and not torch.backends.mps.is_available(): raise ValueError("MPS was requested but torch.backends.mps.is_available() is False")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"Unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but torch.cuda.is_available() is False")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("MPS was requested but torch.backends.mps.is_available() is False")
     return device
 
 # %% ../nbs/00_core.ipynb #a1933787
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-          "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 
 # %% ../nbs/00_core.ipynb #0a6a75c3
 def get_dtype(dtype: str | torch.dtype | None = None, device: str | torch.device | None = None) -> torch.dtype:
     "`dtype` as a torch.dtype (names as in `DTYPES`), or the default for `device` when `dtype` is None."
-    if isinstance(dtype, torch.dtype): return dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype is None:
         device = get_device(device)
-        if device.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float16 if device.type == "mps" else torch.float32
-    if dtype not in DTYPES: raise ValueError(f"Unknown dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 # %% ../nbs/00_core.ipynb #0b076eca
@@ -55,32 +71,47 @@ def seed_everything(seed: int) -> None:
 def cpu_generator(seed: int | None = None) -> torch.Generator:
     "A CPU `torch.Generator` seeded with `seed` (a fresh random seed when None)."
     g = torch.Generator("cpu")
-    if seed is None: g.seed()
-    else: g.manual_seed(int(seed))
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
     return g
 
 # %% ../nbs/00_core.ipynb #3e7e1a66
-def randn(shape, seed: int | None = None, generator: torch.Generator | None = None,
-          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def randn(
+    shape,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     "Standard normal noise drawn in fp32 on the CPU (from `generator`, or a new one seeded with `seed`), then moved to `device` and `dtype`."
-    if generator is not None and seed is not None: raise ValueError("Pass either `seed` or `generator`, not both")
-    if generator is None: generator = cpu_generator(seed)
-    if generator.device.type != "cpu": raise ValueError(f"`generator` must be a CPU generator (got one on {generator.device}): noise is drawn on the CPU so that a seed gives the same picture on every device")
+    if generator is not None and seed is not None:
+        raise ValueError("Pass either `seed` or `generator`, not both")
+    if generator is None:
+        generator = cpu_generator(seed)
+    if generator.device.type != "cpu":
+        raise ValueError(
+            f"`generator` must be a CPU generator (got one on {generator.device}): noise is drawn on the CPU so that a seed gives the same picture on every device"
+        )
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
 # %% ../nbs/00_core.ipynb #7bc2494d
 def pil_to_tensor(image: Image.Image | list) -> torch.Tensor:
     "An RGB PIL image as a (3, H, W) float tensor in [-1, 1]; a list of equally sized images as (B, 3, H, W)."
     if isinstance(image, (list, tuple)):
-        if not image: raise ValueError("Expected at least one image, got an empty list")
+        if not image:
+            raise ValueError("Expected at least one image, got an empty list")
         sizes = {im.size for im in image}
-        if len(sizes) > 1: raise ValueError(f"All images in a batch must have the same size, got sizes (W, H) {sorted(sizes)}")
+        if len(sizes) > 1:
+            raise ValueError(f"All images in a batch must have the same size, got sizes (W, H) {sorted(sizes)}")
         return torch.stack([pil_to_tensor(im) for im in image])
-    if not isinstance(image, Image.Image): raise TypeError(f"Expected a PIL.Image.Image or a list of them, got {type(image).__name__}")
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"Expected a PIL.Image.Image or a list of them, got {type(image).__name__}")
     image = image.convert("RGB")
     w, h = image.size
     u = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3)  # (H, W, 3)
-    return u.permute(2, 0, 1).float() / 127.5 - 1                                      # (3, H, W)
+    return u.permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
 
 # %% ../nbs/00_core.ipynb #7eb5026f
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -91,68 +122,92 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 # %% ../nbs/00_core.ipynb #4f2c655b
 def tensor_to_pil(x: torch.Tensor) -> Image.Image | list:
     "A (3, H, W) or (1, H, W) tensor in [-1, 1] as a PIL image; a (B, C, H, W) batch as a list of images."
-    if x.ndim == 4: return [tensor_to_pil(o) for o in x]
-    if x.ndim != 3 or x.shape[0] not in (1, 3): raise ValueError(f"Expected a tensor of shape (3, H, W), (1, H, W) or (B, 3, H, W), got {tuple(x.shape)}")
+    if x.ndim == 4:
+        return [tensor_to_pil(o) for o in x]
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"Expected a tensor of shape (3, H, W), (1, H, W) or (B, 3, H, W), got {tuple(x.shape)}")
     u = ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    u = u.permute(1, 2, 0).contiguous()                                                # (H, W, C)
+    u = u.permute(1, 2, 0).contiguous()  # (H, W, C)
     return Image.frombytes("RGB" if u.shape[2] == 3 else "L", (u.shape[1], u.shape[0]), tensor_bytes(u))
 
 # %% ../nbs/00_core.ipynb #d61e1a2e
 def _as_pil_list(images) -> list:
     "PIL images from a PIL image, a list of them, or a tensor in [-1, 1] of shape (3, H, W) or (B, 3, H, W)."
-    if isinstance(images, torch.Tensor): images = tensor_to_pil(images)
-    if isinstance(images, Image.Image): images = [images]
-    if not images: raise ValueError("Expected at least one image")
+    if isinstance(images, torch.Tensor):
+        images = tensor_to_pil(images)
+    if isinstance(images, Image.Image):
+        images = [images]
+    if not images:
+        raise ValueError("Expected at least one image")
     return list(images)
 
 # %% ../nbs/00_core.ipynb #6b78133c
 def image_grid(images, ncols: int | None = None, pad: int = 2, background=(255, 255, 255)) -> Image.Image:
-    "Paste `images` (PIL images or a tensor batch in [-1, 1]) row by row into one image, `ncols` per row, `pad` pixels apart."
+    """Paste `images` (PIL images or a tensor batch in [-1, 1]) row by row into one image, `ncols` per row, `pad` pixels
+    apart."""
     images = _as_pil_list(images)
     ncols = ncols or min(len(images), 8)
     nrows = -(-len(images) // ncols)
     w, h = max(im.width for im in images), max(im.height for im in images)
     grid = Image.new("RGB", (ncols * w + (ncols - 1) * pad, nrows * h + (nrows - 1) * pad), background)
-    for i, im in enumerate(images): grid.paste(im.convert("RGB"), ((i % ncols) * (w + pad), (i // ncols) * (h + pad)))
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB"), ((i % ncols) * (w + pad), (i // ncols) * (h + pad)))
     return grid
 
 # %% ../nbs/00_core.ipynb #cf5d91ef
 def show_images(images, ncols: int | None = None, titles: list | None = None, size: float = 2.0):
     "Show `images` (PIL images or a tensor in [-1, 1]) in a matplotlib grid with optional `titles`; returns the figure."
     import matplotlib.pyplot as plt  # a book dependency, not a library one
+
     images = _as_pil_list(images)
     ncols = ncols or min(len(images), 8)
     nrows = -(-len(images) // ncols)
     fig, axs = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
     for i, ax in enumerate(axs.flat):
         ax.axis("off")
-        if i >= len(images): continue
+        if i >= len(images):
+            continue
         ax.imshow(images[i], cmap="gray" if images[i].mode == "L" else None)
-        if titles: ax.set_title(str(titles[i]), fontsize=9)
+        if titles:
+            ax.set_title(str(titles[i]), fontsize=9)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/00_core.ipynb #4e1190b7
 @contextmanager
 def _quiet_stderr():
-    "Silence file descriptor 2 while the block runs (the profiler's C++ logger prints a line each time it starts and stops)."
+    """Silence file descriptor 2 while the block runs (the profiler's C++ logger prints a line each time it starts and
+    stops)."""
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
-    try: yield
-    finally: os.dup2(saved, 2); os.close(saved); os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 # %% ../nbs/00_core.ipynb #208c6b65
 def peak_memory(fn, *args, device: str | torch.device = "cpu") -> int:
-    "Peak bytes that PyTorch allocates on `device` ('cpu' or 'cuda') during fn(*args), above what was allocated before: the profiler's allocation events on the CPU, the allocator's statistics on CUDA."
+    """Peak bytes that PyTorch allocates on `device` ('cpu' or 'cuda') during fn(*args), above what was allocated
+    before: the profiler's allocation events on the CPU, the allocator's statistics on CUDA."""
     device = get_device(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device); torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        fn(*args); torch.cuda.synchronize(device)
+        fn(*args)
+        torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    if device.type != "cpu": raise ValueError(f"peak_memory measures 'cpu' or 'cuda' devices, got {device}")
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn(*args)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    if device.type != "cpu":
+        raise ValueError(f"peak_memory measures 'cpu' or 'cuda' devices, got {device}")
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(*args)
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     current = peak = 0
-    for e in events: current += e.nbytes(); peak = max(peak, current)           # + for an allocation, - for a free
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)  # + for an allocation, - for a free
     return peak

@@ -23,17 +23,20 @@ from .testing import Case, run_checks
 # %% ../nbs/01_diffusion.ipynb #df7a278e
 def require_positive_int(value, name: str) -> int:
     "Return `value` if it is a positive int (not a bool); otherwise raise a ValueError that names `name`."
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1: raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
 
 # %% ../nbs/01_diffusion.ipynb #19044305
-def two_moons(n: int, noise: float = 0.05, seed: int | None = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+def two_moons(
+    n: int, noise: float = 0.05, seed: int | None = 0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     "`n` points (n, 2) from two interleaved half circles with Gaussian jitter `noise`, standardised to mean ~0 and std ~1 per coordinate."
     require_positive_int(n, "n")
     g = generator if generator is not None else cpu_generator(seed)
-    theta = torch.rand(n, generator=g) * math.pi                                   # (n,)
-    upper = torch.stack([theta.cos(), theta.sin()], 1)                             # (n, 2)
-    lower = torch.stack([1 - theta.cos(), 0.5 - theta.sin()], 1)                   # (n, 2)
+    theta = torch.rand(n, generator=g) * math.pi  # (n,)
+    upper = torch.stack([theta.cos(), theta.sin()], 1)  # (n, 2)
+    lower = torch.stack([1 - theta.cos(), 0.5 - theta.sin()], 1)  # (n, 2)
     x = torch.where((torch.arange(n) % 2 == 1)[:, None], lower, upper) + noise * randn((n, 2), generator=g)
     return (x - torch.tensor([0.5, 0.25])) / torch.tensor([math.sqrt(3) / 2, 0.5])
 
@@ -43,52 +46,69 @@ def linear_betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta
     require_positive_int(num_train_timesteps, "num_train_timesteps")
     return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64).float()
 
-def scaled_linear_betas(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+
+def scaled_linear_betas(
+    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> torch.Tensor:
     "Stable Diffusion 1/2's schedule: betas whose square roots are evenly spaced from sqrt(`beta_start`) to sqrt(`beta_end`)."
     require_positive_int(num_train_timesteps, "num_train_timesteps")
-    return (torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2).float()
+    return (torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2).float()
 
 # %% ../nbs/01_diffusion.ipynb #a9453f46
 def alpha_bars(betas: torch.Tensor) -> torch.Tensor:
     "The cumulative products alpha_bar_t = prod_{s<=t} (1 - beta_s), accumulated in float64 and returned as float32."
-    if betas.ndim != 1 or not ((betas > 0) & (betas < 1)).all(): raise ValueError("betas must be a 1D tensor with every value in (0, 1)")
+    if betas.ndim != 1 or not ((betas > 0) & (betas < 1)).all():
+        raise ValueError("betas must be a 1D tensor with every value in (0, 1)")
     return torch.cumprod(1 - betas.double(), 0).float()
 
 # %% ../nbs/01_diffusion.ipynb #0e796cc9
 def per_example(values: torch.Tensor, like: torch.Tensor, name: str = "values") -> torch.Tensor:
-    "Shape a scalar or (B,) tensor of per-example `values` to broadcast against `like` (B, ...): (B, 1, ...) or (); checks B."
+    """Shape a scalar or (B,) tensor of per-example `values` to broadcast against `like` (B, ...): (B, 1, ...) or ();
+    checks B."""
     if values.ndim > 1 or (values.ndim == 1 and len(values) != like.shape[0]):
-        raise ValueError(f"{name} must be a number or a tensor of shape ({like.shape[0]},) for a batch of {like.shape[0]}, got shape {tuple(values.shape)}")
+        raise ValueError(
+            f"{name} must be a number or a tensor of shape ({like.shape[0]},) for a batch of {like.shape[0]}, got shape {tuple(values.shape)}"
+        )
     return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim else values
+
 
 def _timestep_index(t, num_train_timesteps: int, device) -> torch.Tensor:
     "Integer timesteps `t` (an int or a tensor) as a long tensor, checked against the schedule length."
     t = torch.as_tensor(t, device=device)
-    if t.is_floating_point() and not (t == t.round()).all(): raise ValueError("timesteps must be integers in [0, num_train_timesteps)")
+    if t.is_floating_point() and not (t == t.round()).all():
+        raise ValueError("timesteps must be integers in [0, num_train_timesteps)")
     t = t.long()
-    if (t < 0).any() or (t >= num_train_timesteps).any(): raise ValueError(f"timesteps must be in [0, {num_train_timesteps}), got values from {t.min().item()} to {t.max().item()}")
+    if (t < 0).any() or (t >= num_train_timesteps).any():
+        raise ValueError(
+            f"timesteps must be in [0, {num_train_timesteps}), got values from {t.min().item()} to {t.max().item()}"
+        )
     return t
 
 # %% ../nbs/01_diffusion.ipynb #8bd2486c
 def q_sample(x0: torch.Tensor, t, alpha_bars: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     "Noise `x0` (B, ...) to integer timestep(s) `t` in one jump: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."
-    if noise.shape != x0.shape: raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has shape {tuple(x0.shape)}")
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has shape {tuple(x0.shape)}")
     t = _timestep_index(t, len(alpha_bars), x0.device)
-    ab = per_example(alpha_bars.to(x0.device, x0.dtype)[t], x0, "t")   # (B, 1, ...) or ()
+    ab = per_example(alpha_bars.to(x0.device, x0.dtype)[t], x0, "t")  # (B, 1, ...) or ()
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 # %% ../nbs/01_diffusion.ipynb #143d2883
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    "Sinusoidal embedding (B, dim) of timesteps `t` (B,): cosines then sines of t times frequencies from 1 down to 1/max_period."
-    if dim % 2: raise ValueError(f"dim must be even, got {dim}")
-    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)                                  # (B,)
+    """Sinusoidal embedding (B, dim) of timesteps `t` (B,): cosines then sines of t times frequencies from 1 down to
+    1/max_period."""
+    if dim % 2:
+        raise ValueError(f"dim must be even, got {dim}")
+    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)  # (B,)
     freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
-    args = t[:, None] * freqs[None]                                                         # (B, dim/2)
+    args = t[:, None] * freqs[None]  # (B, dim/2)
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 # %% ../nbs/01_diffusion.ipynb #d3382905
 class ToyNet(nn.Module):
-    "A time-conditioned residual MLP for points (B, dim): forward(x (B, dim), t (B,) or a number in [0, 1000]) -> (B, dim)."
+    """A time-conditioned residual MLP for points (B, dim): forward(x (B, dim), t (B,) or a number in [0, 1000]) -> (B,
+    dim)."""
+
     def __init__(self, dim: int = 2, hidden: int = 64, n_blocks: int = 3, temb_dim: int = 64):
         super().__init__()
         self.dim, self.temb_dim = dim, temb_dim
@@ -98,30 +118,36 @@ class ToyNet(nn.Module):
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        if x.ndim != 2 or x.shape[1] != self.dim: raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])          # (B,)
-        temb = self.t_in(timestep_embedding(t, self.temb_dim).to(x.dtype))                  # (B, hidden)
-        h = self.x_in(x)                                                                     # (B, hidden)
-        for block in self.blocks: h = h + block(h + temb)
-        return self.out(h)                                                                   # (B, dim)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])  # (B,)
+        temb = self.t_in(timestep_embedding(t, self.temb_dim).to(x.dtype))  # (B, hidden)
+        h = self.x_in(x)  # (B, hidden)
+        for block in self.blocks:
+            h = h + block(h + temb)
+        return self.out(h)  # (B, dim)
 
 # %% ../nbs/01_diffusion.ipynb #63b9ea03
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 
 def _coefs(alpha_bar_t, like: torch.Tensor):
     "a = sqrt(alpha_bar_t) and b = sqrt(1 - alpha_bar_t), shaped to broadcast against `like`."
     ab = per_example(torch.as_tensor(alpha_bar_t, dtype=like.dtype, device=like.device), like)
     return ab.sqrt(), (1 - ab).sqrt()
 
+
 def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t) -> torch.Tensor:
     "The velocity v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x0 that a v-prediction model learns."
     a, b = _coefs(alpha_bar_t, x0)
     return a * noise - b * x0
 
+
 def eps_to_v(eps: torch.Tensor, x_t: torch.Tensor, alpha_bar_t) -> torch.Tensor:
     "Convert a noise prediction at x_t into the equivalent velocity: v = (eps - b x_t) / a."
     a, b = _coefs(alpha_bar_t, x_t)
     return (eps - b * x_t) / a
+
 
 def v_to_eps(v: torch.Tensor, x_t: torch.Tensor, alpha_bar_t) -> torch.Tensor:
     "Convert a velocity prediction at x_t into the equivalent noise: eps = b x_t + a v."
@@ -130,18 +156,27 @@ def v_to_eps(v: torch.Tensor, x_t: torch.Tensor, alpha_bar_t) -> torch.Tensor:
 
 # %% ../nbs/01_diffusion.ipynb #b2907a6c
 def predict_x0_eps(model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t, prediction_type: str = "epsilon"):
-    "The clean sample and the noise (x0, eps) implied by a model's output at x_t, for 'epsilon' or 'v_prediction' models."
+    """The clean sample and the noise (x0, eps) implied by a model's output at x_t, for 'epsilon' or 'v_prediction'
+    models."""
     a, b = _coefs(alpha_bar_t, x_t)
-    if prediction_type == "epsilon": return (x_t - b * model_output) / a, model_output
-    if prediction_type == "v_prediction": return a * x_t - b * model_output, b * x_t + a * model_output
+    if prediction_type == "epsilon":
+        return (x_t - b * model_output) / a, model_output
+    if prediction_type == "v_prediction":
+        return a * x_t - b * model_output, b * x_t + a * model_output
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 # %% ../nbs/01_diffusion.ipynb #f65b04df
-def diffusion_loss(model: nn.Module, x0: torch.Tensor, alpha_bars: torch.Tensor, generator: torch.Generator,
-                   prediction_type: str = "epsilon") -> torch.Tensor:
+def diffusion_loss(
+    model: nn.Module,
+    x0: torch.Tensor,
+    alpha_bars: torch.Tensor,
+    generator: torch.Generator,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
     "The DDPM 'simple' loss on a batch x0 (B, ...): MSE between the model's output at (x_t, t) and the noise (or v)."
-    if prediction_type not in PREDICTION_TYPES: raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    t = torch.randint(len(alpha_bars), (x0.shape[0],), generator=generator)                # (B,)
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    t = torch.randint(len(alpha_bars), (x0.shape[0],), generator=generator)  # (B,)
     noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = q_sample(x0, t, alpha_bars, noise)
     target = noise if prediction_type == "epsilon" else v_target(x0, noise, alpha_bars.to(x0.device)[t.to(x0.device)])
@@ -154,8 +189,16 @@ def model_device(model) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 # %% ../nbs/01_diffusion.ipynb #fad2c1d8
-def train_toy(model: nn.Module, data: torch.Tensor, loss_fn, steps: int = 2000, batch_size: int = 256, lr: float = 3e-3,
-              seed: int = 0, progress: bool = True) -> list:
+def train_toy(
+    model: nn.Module,
+    data: torch.Tensor,
+    loss_fn,
+    steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list:
     "Train `model` on minibatches of `data` (N, ...) with `loss_fn(model, x0, generator)`, Adam and cosine decay; returns the losses."
     require_positive_int(steps, "steps")
     g, device = cpu_generator(seed), model_device(model)
@@ -165,7 +208,10 @@ def train_toy(model: nn.Module, data: torch.Tensor, loss_fn, steps: int = 2000, 
     for _ in tqdm(range(steps), disable=not progress, desc="training"):
         x0 = data[torch.randint(len(data), (batch_size,), generator=g)].to(device)
         loss = loss_fn(model, x0, g)
-        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
         losses.append(loss.item())
     model.eval()
     return losses
@@ -173,60 +219,102 @@ def train_toy(model: nn.Module, data: torch.Tensor, loss_fn, steps: int = 2000, 
 # %% ../nbs/01_diffusion.ipynb #d87213d5
 def _alpha_bar_pair(alpha_bars: torch.Tensor, t: int, t_prev: int):
     "alpha_bar at t and at t_prev (1.0 for t_prev = -1, the clean data), after checking t_prev < t."
-    if not 0 <= t < len(alpha_bars) or not -1 <= t_prev < t: raise ValueError(f"need 0 <= t < {len(alpha_bars)} and -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
+    if not 0 <= t < len(alpha_bars) or not -1 <= t_prev < t:
+        raise ValueError(f"need 0 <= t < {len(alpha_bars)} and -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
     return alpha_bars[t], (alpha_bars[t_prev] if t_prev >= 0 else torch.ones((), dtype=alpha_bars.dtype))
 
-def ddpm_step(model_output: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor, alpha_bars: torch.Tensor,
-              noise: torch.Tensor | None = None, prediction_type: str = "epsilon") -> torch.Tensor:
+
+def ddpm_step(
+    model_output: torch.Tensor,
+    t: int,
+    t_prev: int,
+    x_t: torch.Tensor,
+    alpha_bars: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
     "One ancestral step from timestep t to t_prev (< t; -1 means the clean data): the posterior mean plus sqrt(posterior variance) * `noise`."
     ab_t, ab_prev = _alpha_bar_pair(alpha_bars, int(t), int(t_prev))
     x0, _ = predict_x0_eps(model_output, x_t, ab_t, prediction_type)
-    alpha, beta = ab_t / ab_prev, 1 - ab_t / ab_prev                                     # the effective one-step alpha and beta
+    alpha, beta = ab_t / ab_prev, 1 - ab_t / ab_prev  # the effective one-step alpha and beta
     mean = ab_prev.sqrt() * beta / (1 - ab_t) * x0 + alpha.sqrt() * (1 - ab_prev) / (1 - ab_t) * x_t
-    if noise is None: return mean
+    if noise is None:
+        return mean
     var = ((1 - ab_prev) / (1 - ab_t) * beta).clamp(min=1e-20)
     return mean + var.sqrt() * noise
 
 # %% ../nbs/01_diffusion.ipynb #f6ffbb82
-def ddim_step(model_output: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor, alpha_bars: torch.Tensor,
-              eta: float = 0.0, noise: torch.Tensor | None = None, prediction_type: str = "epsilon") -> torch.Tensor:
+def ddim_step(
+    model_output: torch.Tensor,
+    t: int,
+    t_prev: int,
+    x_t: torch.Tensor,
+    alpha_bars: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
     "One DDIM step from timestep t to t_prev (-1 = clean data): deterministic for eta=0, DDPM's step for eta=1 (then `noise` is needed)."
     ab_t, ab_prev = _alpha_bar_pair(alpha_bars, int(t), int(t_prev))
     x0, eps = predict_x0_eps(model_output, x_t, ab_t, prediction_type)
     sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
-    x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).sqrt() * eps
-    if eta == 0: return x_prev
-    if noise is None: raise ValueError(f"eta={eta} > 0 adds fresh noise: pass `noise` with the shape of x_t")
+    x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).sqrt() * eps
+    if eta == 0:
+        return x_prev
+    if noise is None:
+        raise ValueError(f"eta={eta} > 0 adds fresh noise: pass `noise` with the shape of x_t")
     return x_prev + sigma * noise
 
 # %% ../nbs/01_diffusion.ipynb #ca660c64
 def sampling_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "trailing") -> torch.Tensor:
-    "The `num_steps` training timesteps (descending, long) a sampler visits, with diffusers' 'leading' or 'trailing' spacing."
+    """The `num_steps` training timesteps (descending, long) a sampler visits, with diffusers' 'leading' or 'trailing'
+    spacing."""
     require_positive_int(num_train_timesteps, "num_train_timesteps")
     if require_positive_int(num_steps, "num_steps") > num_train_timesteps:
         raise ValueError(f"num_steps must be at most num_train_timesteps = {num_train_timesteps}, got {num_steps}")
     i = torch.arange(num_steps, dtype=torch.float64)
-    if spacing == "leading": return (i * (num_train_timesteps // num_steps)).long().flip(0)
-    if spacing == "trailing": return (num_train_timesteps - i * (num_train_timesteps / num_steps)).round().long() - 1
+    if spacing == "leading":
+        return (i * (num_train_timesteps // num_steps)).long().flip(0)
+    if spacing == "trailing":
+        return (num_train_timesteps - i * (num_train_timesteps / num_steps)).round().long() - 1
     raise ValueError(f"spacing must be 'leading' or 'trailing', got {spacing!r}")
 
 # %% ../nbs/01_diffusion.ipynb #594e7592
 @torch.no_grad()
-def reverse_diffusion(model, x: torch.Tensor, alpha_bars: torch.Tensor, timesteps: torch.Tensor, eta: float = 0.0,
-                      generator: torch.Generator | None = None, prediction_type: str = "epsilon",
-                      progress: bool = True, return_trajectory: bool = False):
+def reverse_diffusion(
+    model,
+    x: torch.Tensor,
+    alpha_bars: torch.Tensor,
+    timesteps: torch.Tensor,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    prediction_type: str = "epsilon",
+    progress: bool = True,
+    return_trajectory: bool = False,
+):
     "Denoise `x` from timesteps[0] down to clean data with DDIM steps of `eta` (1 = DDPM); optionally also return every intermediate x."
     ts, trajectory = [int(t) for t in timesteps], [x]
     for i, t in enumerate(tqdm(ts, disable=not progress, desc="sampling")):
         out = model(x, torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype))
         noise = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
-        x = ddim_step(out, t, ts[i + 1] if i + 1 < len(ts) else -1, x, alpha_bars.to(x.device), eta, noise, prediction_type)
+        x = ddim_step(
+            out, t, ts[i + 1] if i + 1 < len(ts) else -1, x, alpha_bars.to(x.device), eta, noise, prediction_type
+        )
         trajectory.append(x)
     return (x, torch.stack(trajectory)) if return_trajectory else x
 
 # %% ../nbs/01_diffusion.ipynb #793efe58
-def ddpm_sample(model, shape, alpha_bars: torch.Tensor, num_steps: int = 1000, seed: int = 0, spacing: str = "trailing",
-                prediction_type: str = "epsilon", progress: bool = True, return_trajectory: bool = False):
+def ddpm_sample(
+    model,
+    shape,
+    alpha_bars: torch.Tensor,
+    num_steps: int = 1000,
+    seed: int = 0,
+    spacing: str = "trailing",
+    prediction_type: str = "epsilon",
+    progress: bool = True,
+    return_trajectory: bool = False,
+):
     "Ancestral DDPM sampling of `shape` from `num_steps` timesteps, starting from seeded Gaussian noise."
     g = cpu_generator(seed)
     x = randn(shape, generator=g, device=model_device(model))
@@ -234,8 +322,17 @@ def ddpm_sample(model, shape, alpha_bars: torch.Tensor, num_steps: int = 1000, s
     return reverse_diffusion(model, x, alpha_bars, ts, 1.0, g, prediction_type, progress, return_trajectory)
 
 # %% ../nbs/01_diffusion.ipynb #d6b5fc2c
-def ddim_sample(model, shape, alpha_bars: torch.Tensor, num_steps: int = 50, seed: int = 0, spacing: str = "trailing",
-                prediction_type: str = "epsilon", progress: bool = True, return_trajectory: bool = False):
+def ddim_sample(
+    model,
+    shape,
+    alpha_bars: torch.Tensor,
+    num_steps: int = 50,
+    seed: int = 0,
+    spacing: str = "trailing",
+    prediction_type: str = "epsilon",
+    progress: bool = True,
+    return_trajectory: bool = False,
+):
     "Deterministic DDIM sampling (eta=0) of `shape` from `num_steps` timesteps, starting from seeded Gaussian noise."
     x = randn(shape, seed=seed, device=model_device(model))
     ts = sampling_timesteps(num_steps, len(alpha_bars), spacing)
@@ -245,37 +342,55 @@ def ddim_sample(model, shape, alpha_bars: torch.Tensor, num_steps: int = 50, see
 def wasserstein_1d(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     "W1 distances (...,) between the empirical distributions in the last dimension of u (..., n) and v (..., m)."
     u, v = u.sort(-1).values.contiguous(), v.sort(-1).values.contiguous()
-    if u.shape[-1] == v.shape[-1]: return (u - v).abs().mean(-1)                   # equal sizes: match the sorted values
-    merged = torch.cat([u, v], -1).sort(-1).values                                   # (..., n + m)
-    widths = merged.diff(dim=-1)                                                      # (..., n + m - 1)
+    if u.shape[-1] == v.shape[-1]:
+        return (u - v).abs().mean(-1)  # equal sizes: match the sorted values
+    merged = torch.cat([u, v], -1).sort(-1).values  # (..., n + m)
+    widths = merged.diff(dim=-1)  # (..., n + m - 1)
     at = merged[..., :-1].contiguous()
-    F_u = torch.searchsorted(u, at, right=True).to(widths.dtype) / u.shape[-1]       # the two CDFs on each interval
+    F_u = torch.searchsorted(u, at, right=True).to(widths.dtype) / u.shape[-1]  # the two CDFs on each interval
     F_v = torch.searchsorted(v, at, right=True).to(widths.dtype) / v.shape[-1]
     return ((F_u - F_v).abs() * widths).sum(-1)
 
 # %% ../nbs/01_diffusion.ipynb #5bd74474
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int = 256, seed: int = 0) -> torch.Tensor:
-    "Sliced Wasserstein-1 distance between point clouds a (n, D) and b (m, D): the mean 1D W1 over seeded random directions."
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]: raise ValueError(f"expected point clouds (n, D) and (m, D), got {tuple(a.shape)} and {tuple(b.shape)}")
+    """Sliced Wasserstein-1 distance between point clouds a (n, D) and b (m, D): the mean 1D W1 over seeded random
+    directions."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"expected point clouds (n, D) and (m, D), got {tuple(a.shape)} and {tuple(b.shape)}")
     dirs = randn((n_projections, a.shape[1]), seed=seed, dtype=torch.float64)
-    dirs = (dirs / dirs.norm(dim=1, keepdim=True)).to(a.device, a.dtype)             # (K, D) unit vectors
-    return wasserstein_1d(dirs @ a.T, dirs @ b.to(a.dtype).T).mean()                # (K, n) and (K, m) projections
+    dirs = (dirs / dirs.norm(dim=1, keepdim=True)).to(a.device, a.dtype)  # (K, D) unit vectors
+    return wasserstein_1d(dirs @ a.T, dirs @ b.to(a.dtype).T).mean()  # (K, n) and (K, m) projections
 
 # %% ../nbs/01_diffusion.ipynb #3b78613b
 def check_q_sample(fn, **kwargs) -> bool:
     "Check an implementation of `q_sample(x0, t, alpha_bars, noise)` on hidden cases."
     ab, ab_lin = alpha_bars(scaled_linear_betas()), alpha_bars(linear_betas())
-    cases = [Case("a batch of 2D points at mixed timesteps", (randn((6, 2), seed=1), torch.tensor([0, 1, 10, 500, 998, 999]), ab, randn((6, 2), seed=2))),
-             Case("one int timestep for the whole batch", (randn((3, 2), seed=3), 250, ab, randn((3, 2), seed=4))),
-             Case("an image-shaped batch (B, C, H, W)", (randn((2, 4, 5, 5), seed=5), torch.tensor([100, 900]), ab, randn((2, 4, 5, 5), seed=6))),
-             Case("DDPM's linear schedule", (randn((4, 2), seed=7), torch.tensor([3, 30, 300, 700]), ab_lin, randn((4, 2), seed=8)))]
+    cases = [
+        Case(
+            "a batch of 2D points at mixed timesteps",
+            (randn((6, 2), seed=1), torch.tensor([0, 1, 10, 500, 998, 999]), ab, randn((6, 2), seed=2)),
+        ),
+        Case("one int timestep for the whole batch", (randn((3, 2), seed=3), 250, ab, randn((3, 2), seed=4))),
+        Case(
+            "an image-shaped batch (B, C, H, W)",
+            (randn((2, 4, 5, 5), seed=5), torch.tensor([100, 900]), ab, randn((2, 4, 5, 5), seed=6)),
+        ),
+        Case(
+            "DDPM's linear schedule",
+            (randn((4, 2), seed=7), torch.tensor([3, 30, 300, 700]), ab_lin, randn((4, 2), seed=8)),
+        ),
+    ]
     return run_checks(fn, q_sample, cases, **kwargs)
 
+
 def check_ddim_step(fn, **kwargs) -> bool:
-    "Check an implementation of the deterministic epsilon-prediction `ddim_step(model_output, t, t_prev, x_t, alpha_bars)` on hidden cases."
+    """Check an implementation of the deterministic epsilon-prediction `ddim_step(model_output, t, t_prev, x_t,
+    alpha_bars)` on hidden cases."""
     ab = alpha_bars(scaled_linear_betas())
-    cases = [Case("a middle step", (randn((5, 2), seed=1), 600, 500, randn((5, 2), seed=2), ab)),
-             Case("a large step from pure noise", (randn((5, 2), seed=3), 999, 499, randn((5, 2), seed=4), ab)),
-             Case("the last step (t_prev = -1)", (randn((5, 2), seed=5), 99, -1, randn((5, 2), seed=6), ab)),
-             Case("an image-shaped sample", (randn((2, 4, 3, 3), seed=7), 300, 200, randn((2, 4, 3, 3), seed=8), ab))]
+    cases = [
+        Case("a middle step", (randn((5, 2), seed=1), 600, 500, randn((5, 2), seed=2), ab)),
+        Case("a large step from pure noise", (randn((5, 2), seed=3), 999, 499, randn((5, 2), seed=4), ab)),
+        Case("the last step (t_prev = -1)", (randn((5, 2), seed=5), 99, -1, randn((5, 2), seed=6), ab)),
+        Case("an image-shaped sample", (randn((2, 4, 3, 3), seed=7), 300, 200, randn((2, 4, 3, 3), seed=8), ab)),
+    ]
     return run_checks(fn, ddim_step, cases, **kwargs)

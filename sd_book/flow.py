@@ -20,43 +20,67 @@ from .testing import Case, run_checks
 
 # %% ../nbs/02_flow.ipynb #2116ff49
 def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
-    "The point x_t = (1 - t) x0 + t noise on the straight path; `t` in [0, 1] is a number or a (B,) tensor for x0 (B, ...)."
-    if noise.shape != x0.shape: raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has shape {tuple(x0.shape)}")
+    """The point x_t = (1 - t) x0 + t noise on the straight path; `t` in [0, 1] is a number or a (B,) tensor for x0 (B,
+    ...)."""
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has shape {tuple(x0.shape)}")
     t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device)
-    if (t < 0).any() or (t > 1).any(): raise ValueError(f"t must be in [0, 1], got values from {t.min().item()} to {t.max().item()}")
-    t = per_example(t, x0, "t")                                                       # (B, 1, ...) or ()
+    if (t < 0).any() or (t > 1).any():
+        raise ValueError(f"t must be in [0, 1], got values from {t.min().item()} to {t.max().item()}")
+    t = per_example(t, x0, "t")  # (B, 1, ...) or ()
     return (1 - t) * x0 + t * noise
 
 # %% ../nbs/02_flow.ipynb #e81068b9
-def logit_normal_timesteps(n: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def logit_normal_timesteps(
+    n: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     "`n` training times t = sigmoid(u) in (0, 1), u ~ N(mean, std^2), drawn in float32 from a CPU generator (SD3's 'logit_normal')."
     require_positive_int(n, "n")
-    if std <= 0: raise ValueError(f"std must be positive, got {std}")
+    if std <= 0:
+        raise ValueError(f"std must be positive, got {std}")
     return torch.sigmoid(mean + std * randn((n,), generator=generator))
 
 # %% ../nbs/02_flow.ipynb #8e22f9db
-def flow_loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generator, timestep_sampling: str = "uniform",
-              logit_mean: float = 0.0, logit_std: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+def flow_loss(
+    model: nn.Module,
+    x0: torch.Tensor,
+    generator: torch.Generator,
+    timestep_sampling: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    num_train_timesteps: int = 1000,
+) -> torch.Tensor:
     "The flow-matching loss on a batch x0 (B, ...): MSE between the model's velocity at (x_t, 1000 t) and noise - x0."
-    if timestep_sampling == "uniform": t = torch.rand(x0.shape[0], generator=generator)
-    elif timestep_sampling == "logit_normal": t = logit_normal_timesteps(x0.shape[0], logit_mean, logit_std, generator)
-    else: raise ValueError(f"timestep_sampling must be 'uniform' or 'logit_normal', got {timestep_sampling!r}")
+    if timestep_sampling == "uniform":
+        t = torch.rand(x0.shape[0], generator=generator)
+    elif timestep_sampling == "logit_normal":
+        t = logit_normal_timesteps(x0.shape[0], logit_mean, logit_std, generator)
+    else:
+        raise ValueError(f"timestep_sampling must be 'uniform' or 'logit_normal', got {timestep_sampling!r}")
     noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    t = t.to(x0.device, x0.dtype)                                                       # (B,)
+    t = t.to(x0.device, x0.dtype)  # (B,)
     return F.mse_loss(model(flow_interpolate(x0, noise, t), t * num_train_timesteps), noise - x0)
 
 # %% ../nbs/02_flow.ipynb #d2d98563
 def euler_step(sample: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
-    "One Euler step of dx/dsigma = velocity from noise level `sigma` to `sigma_next`: sample + (sigma_next - sigma) * velocity."
+    """One Euler step of dx/dsigma = velocity from noise level `sigma` to `sigma_next`: sample + (sigma_next - sigma) *
+    velocity."""
     return sample + (sigma_next - sigma) * velocity
 
 # %% ../nbs/02_flow.ipynb #acd514f3
 @torch.no_grad()
-def euler_sample(model, x: torch.Tensor, sigmas: torch.Tensor, num_train_timesteps: int = 1000,
-                 progress: bool = True, return_trajectory: bool = False):
+def euler_sample(
+    model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    num_train_timesteps: int = 1000,
+    progress: bool = True,
+    return_trajectory: bool = False,
+):
     "Integrate the model's velocity from x at sigmas[0] through the decreasing `sigmas` with Euler steps; the model sees timesteps 1000 sigma."
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
-    if sigmas.ndim != 1 or len(sigmas) < 2 or not (sigmas.diff() < 0).all(): raise ValueError("sigmas must be a decreasing 1D sequence of at least 2 noise levels")
+    if sigmas.ndim != 1 or len(sigmas) < 2 or not (sigmas.diff() < 0).all():
+        raise ValueError("sigmas must be a decreasing 1D sequence of at least 2 noise levels")
     trajectory = [x]
     for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
         v = model(x, (sigmas[i] * num_train_timesteps).expand(x.shape[0]).to(x.device, x.dtype))
@@ -67,21 +91,32 @@ def euler_sample(model, x: torch.Tensor, sigmas: torch.Tensor, num_train_timeste
 # %% ../nbs/02_flow.ipynb #d9a4ca87
 def shift_sigma(sigma, shift: float):
     "SD3's timestep shift sigma' = shift sigma / (1 + (shift - 1) sigma): multiplies sigma / (1 - sigma) by `shift`."
-    if not shift > 0: raise ValueError(f"shift must be positive, got {shift}")
+    if not shift > 0:
+        raise ValueError(f"shift must be positive, got {shift}")
     return shift * sigma / (1 + (shift - 1) * sigma)
 
+
 def resolution_shift(height: int, width: int, base: int = 256) -> float:
-    "The SD3 paper's resolution-dependent shift sqrt(m / n) for m = height * width pixels against a base of n = base^2 pixels."
-    if height <= 0 or width <= 0 or base <= 0: raise ValueError(f"height, width and base must be positive, got {height}, {width}, {base}")
+    """The SD3 paper's resolution-dependent shift sqrt(m / n) for m = height * width pixels against a base of n = base^2
+    pixels."""
+    if height <= 0 or width <= 0 or base <= 0:
+        raise ValueError(f"height, width and base must be positive, got {height}, {width}, {base}")
     return math.sqrt(height * width) / base
 
 # %% ../nbs/02_flow.ipynb #fa038875
 class FlowMatchEulerScheduler:
-    "SD3's flow-matching Euler sampler with diffusers' FlowMatchEulerDiscreteScheduler interface and numbers (default options)."
+    """SD3's flow-matching Euler sampler with diffusers' FlowMatchEulerDiscreteScheduler interface and numbers (default
+    options)."""
+
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 3.0):
-        self.num_train_timesteps, self.shift = require_positive_int(num_train_timesteps, "num_train_timesteps"), float(shift)
-        ends = shift_sigma(torch.tensor([num_train_timesteps, 1], dtype=torch.float32) / num_train_timesteps, self.shift)
-        self.sigma_max, self.sigma_min = ends[0].item(), ends[1].item()                  # float32 values, as diffusers keeps them
+        self.num_train_timesteps, self.shift = (
+            require_positive_int(num_train_timesteps, "num_train_timesteps"),
+            float(shift),
+        )
+        ends = shift_sigma(
+            torch.tensor([num_train_timesteps, 1], dtype=torch.float32) / num_train_timesteps, self.shift
+        )
+        self.sigma_max, self.sigma_min = ends[0].item(), ends[1].item()  # float32 values, as diffusers keeps them
         self.timesteps = self.sigmas = None
 
     def __repr__(self):
@@ -90,44 +125,65 @@ class FlowMatchEulerScheduler:
 
 # %% ../nbs/02_flow.ipynb #beb5f9fa
 def _set_timesteps(self: FlowMatchEulerScheduler, num_inference_steps: int, device=None):
-    "Build the sampling schedule: `.timesteps` (n,) = 1000 * sigma and `.sigmas` (n + 1,) ending with 0, as diffusers does."
+    """Build the sampling schedule: `.timesteps` (n,) = 1000 * sigma and `.sigmas` (n + 1,) ending with 0, as diffusers
+    does."""
     n = require_positive_int(num_inference_steps, "num_inference_steps")
     N = self.num_train_timesteps
-    t = torch.linspace(self.sigma_max * N, self.sigma_min * N, n, dtype=torch.float64)     # (n,) evenly spaced timesteps
-    sigmas = shift_sigma(t / N, self.shift).float()                                           # (n,) shifted, float32
+    t = torch.linspace(self.sigma_max * N, self.sigma_min * N, n, dtype=torch.float64)  # (n,) evenly spaced timesteps
+    sigmas = shift_sigma(t / N, self.shift).float()  # (n,) shifted, float32
     self.timesteps = (sigmas * N).to(device)
-    self.sigmas = torch.cat([sigmas, torch.zeros(1)]).to(device)                              # (n + 1,)
+    self.sigmas = torch.cat([sigmas, torch.zeros(1)]).to(device)  # (n + 1,)
     return self
+
 
 FlowMatchEulerScheduler.set_timesteps = _set_timesteps
 
 # %% ../nbs/02_flow.ipynb #546af290
 def _index_for_timestep(self: FlowMatchEulerScheduler, timestep) -> torch.Tensor:
-    "The position(s) in `.timesteps` of `timestep` (a number, a 0-d tensor or a (B,) tensor); an error if one is not in the schedule."
-    if self.timesteps is None: raise RuntimeError("No schedule yet: call set_timesteps(num_inference_steps) first")
+    """The position(s) in `.timesteps` of `timestep` (a number, a 0-d tensor or a (B,) tensor); an error if one is not
+    in the schedule."""
+    if self.timesteps is None:
+        raise RuntimeError("No schedule yet: call set_timesteps(num_inference_steps) first")
     t = torch.as_tensor(timestep).to(self.timesteps.device, torch.float32)
-    if t.ndim > 1: raise ValueError(f"timestep must be a number, a 0-d tensor or a (B,) tensor, got shape {tuple(t.shape)}")
-    matches = t.reshape(-1, 1) == self.timesteps.reshape(1, -1)                              # (K, n)
+    if t.ndim > 1:
+        raise ValueError(f"timestep must be a number, a 0-d tensor or a (B,) tensor, got shape {tuple(t.shape)}")
+    matches = t.reshape(-1, 1) == self.timesteps.reshape(1, -1)  # (K, n)
     if not matches.any(1).all():
         bad = t.reshape(-1)[~matches.any(1)][0].item()
-        raise ValueError(f"timestep {bad} is not in the schedule: pass one of scheduler.timesteps (from {self.timesteps[0].item():g} down to {self.timesteps[-1].item():g}), not a step index")
-    return matches.float().argmax(1).reshape(t.shape)                                        # first match
+        raise ValueError(
+            f"timestep {bad} is not in the schedule: pass one of scheduler.timesteps (from {self.timesteps[0].item():g} down to {self.timesteps[-1].item():g}), not a step index"
+        )
+    return matches.float().argmax(1).reshape(t.shape)  # first match
+
 
 FlowMatchEulerScheduler.index_for_timestep = _index_for_timestep
 
 # %% ../nbs/02_flow.ipynb #5ba77a09
 def _step(self: FlowMatchEulerScheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
-    "One Euler step from `timestep`'s sigma to the next one: sample + (sigma_next - sigma) * model_output, in float32, cast back to sample's dtype."
-    if model_output.shape != sample.shape: raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}")
-    i = self.index_for_timestep(timestep)                                                    # () or (B,)
-    sigma = per_example(self.sigmas[i].to(sample.device), sample, "timestep")                # (B, 1, ...) or ()
+    """One Euler step from `timestep`'s sigma to the next one: sample + (sigma_next - sigma) * model_output, in float32,
+    cast back to sample's dtype."""
+    if model_output.shape != sample.shape:
+        raise ValueError(
+            f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}"
+        )
+    i = self.index_for_timestep(timestep)  # () or (B,)
+    sigma = per_example(self.sigmas[i].to(sample.device), sample, "timestep")  # (B, 1, ...) or ()
     sigma_next = per_example(self.sigmas[i + 1].to(sample.device), sample, "timestep")
     return euler_step(sample.float(), model_output.float(), sigma, sigma_next).to(sample.dtype)
+
 
 FlowMatchEulerScheduler.step = _step
 
 # %% ../nbs/02_flow.ipynb #b1e09e76
-def flow_sample(model, shape, num_steps: int = 28, shift: float = 3.0, seed: int = 0, progress: bool = True, return_trajectory: bool = False):
+def flow_sample(
+    model,
+    shape,
+    num_steps: int = 28,
+    shift: float = 3.0,
+    seed: int = 0,
+    progress: bool = True,
+    return_trajectory: bool = False,
+):
     "Sample `shape` from a velocity model from seeded noise: `euler_sample` on the sigmas of `FlowMatchEulerScheduler(shift)` with `num_steps` steps."
     sigmas = FlowMatchEulerScheduler(shift=shift).set_timesteps(num_steps).sigmas
     x = randn(shape, seed=seed, device=model_device(model))
@@ -135,21 +191,30 @@ def flow_sample(model, shape, num_steps: int = 28, shift: float = 3.0, seed: int
 
 # %% ../nbs/02_flow.ipynb #a04074c5
 def _scale_noise(self: FlowMatchEulerScheduler, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
-    "Noise `sample` to the sigma of `timestep` (a number, or one per example) on the straight path: sigma * noise + (1 - sigma) * sample."
-    if noise.shape != sample.shape: raise ValueError(f"noise has shape {tuple(noise.shape)} but sample has shape {tuple(sample.shape)}")
+    """Noise `sample` to the sigma of `timestep` (a number, or one per example) on the straight path: sigma * noise + (1
+    - sigma) * sample."""
+    if noise.shape != sample.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but sample has shape {tuple(sample.shape)}")
     i = self.index_for_timestep(timestep)
-    sigma = per_example(self.sigmas[i].to(sample.device, sample.dtype), sample, "timestep")   # (B, 1, ...) or ()
+    sigma = per_example(self.sigmas[i].to(sample.device, sample.dtype), sample, "timestep")  # (B, 1, ...) or ()
     return sigma * noise + (1.0 - sigma) * sample
+
 
 FlowMatchEulerScheduler.scale_noise = _scale_noise
 
 # %% ../nbs/02_flow.ipynb #5a0a5de1
 def _img2img_timesteps(self: FlowMatchEulerScheduler, strength: float) -> torch.Tensor:
-    "The tail of `.timesteps` an image-to-image run with `strength` in (0, 1] goes through (the first is where the image is noised to)."
-    if self.timesteps is None: raise RuntimeError("No schedule yet: call set_timesteps(num_inference_steps) first")
-    if not 0 < strength <= 1: raise ValueError(f"strength must be in (0, 1] (1 = start from pure noise), got {strength}")
+    """The tail of `.timesteps` an image-to-image run with `strength` in (0, 1] goes through (the first is where the
+    image is noised to)."""
+    if self.timesteps is None:
+        raise RuntimeError("No schedule yet: call set_timesteps(num_inference_steps) first")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1] (1 = start from pure noise), got {strength}")
     n = len(self.timesteps)
-    return self.timesteps[int(n - n * strength):]          # diffusers' get_timesteps; its min/max guards cannot trigger for strength in (0, 1]
+    return self.timesteps[
+        int(n - n * strength) :
+    ]  # diffusers' get_timesteps; its min/max guards cannot trigger for strength in (0, 1]
+
 
 FlowMatchEulerScheduler.img2img_timesteps = _img2img_timesteps
 
@@ -157,15 +222,25 @@ FlowMatchEulerScheduler.img2img_timesteps = _img2img_timesteps
 def check_shift_sigma(fn, **kwargs) -> bool:
     "Check an implementation of `shift_sigma(sigma, shift)` on hidden cases."
     grid = torch.linspace(0, 1, 11)
-    cases = [Case("a float sigma, shift 3", (0.3, 3.0)), Case("the ends of the range stay fixed", (torch.tensor([0.0, 1.0]), 3.0)),
-             Case("a grid of sigmas, shift 3", (grid, 3.0)), Case("shift 1 changes nothing", (grid, 1.0)),
-             Case("a shift below 1 moves sigmas towards 0", (grid, 0.5))]
+    cases = [
+        Case("a float sigma, shift 3", (0.3, 3.0)),
+        Case("the ends of the range stay fixed", (torch.tensor([0.0, 1.0]), 3.0)),
+        Case("a grid of sigmas, shift 3", (grid, 3.0)),
+        Case("shift 1 changes nothing", (grid, 1.0)),
+        Case("a shift below 1 moves sigmas towards 0", (grid, 0.5)),
+    ]
     return run_checks(fn, shift_sigma, cases, **kwargs)
+
 
 def check_euler_step(fn, **kwargs) -> bool:
     "Check an implementation of `euler_step(sample, velocity, sigma, sigma_next)` on hidden cases."
-    cases = [Case("one 2D point, from sigma 1 to 0.5", (torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, -1.0]]), 1.0, 0.5)),
-             Case("a batch of latents, a small step", (randn((2, 4, 3, 3), seed=1), randn((2, 4, 3, 3), seed=2), 0.3, 0.25)),
-             Case("the last step, to sigma 0", (randn((5, 2), seed=3), randn((5, 2), seed=4), 0.05, 0.0)),
-             Case("sigmas as 0-d tensors", (randn((3, 2), seed=5), randn((3, 2), seed=6), torch.tensor(0.8), torch.tensor(0.6)))]
+    cases = [
+        Case("one 2D point, from sigma 1 to 0.5", (torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, -1.0]]), 1.0, 0.5)),
+        Case("a batch of latents, a small step", (randn((2, 4, 3, 3), seed=1), randn((2, 4, 3, 3), seed=2), 0.3, 0.25)),
+        Case("the last step, to sigma 0", (randn((5, 2), seed=3), randn((5, 2), seed=4), 0.05, 0.0)),
+        Case(
+            "sigmas as 0-d tensors",
+            (randn((3, 2), seed=5), randn((3, 2), seed=6), torch.tensor(0.8), torch.tensor(0.6)),
+        ),
+    ]
     return run_checks(fn, euler_step, cases, **kwargs)

@@ -18,14 +18,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .testing import Case, run_checks
-from .checkpoints import (CheckpointError, LazyStateDict, component_prefix, load_into, load_state_dict, open_checkpoint, read_config,
-                                 rename_keys, strip_prefix, wrong_model_error)
+from sd_book.checkpoints import (
+    CheckpointError,
+    LazyStateDict,
+    component_prefix,
+    load_into,
+    load_state_dict,
+    open_checkpoint,
+    read_config,
+    rename_keys,
+    strip_prefix,
+    wrong_model_error,
+)
 from .clip import validate_ids
 
 # %% ../nbs/07_t5.ipynb #a627193e
 @dataclass
 class T5Config:
     "The shape of a T5 v1.1 encoder (gated GELU); the defaults are T5-XXL's."
+
     vocab_size: int = 32128
     d_model: int = 4096
     d_kv: int = 64
@@ -38,17 +49,22 @@ class T5Config:
     clamp_fp16: bool = True
 
     def __post_init__(self):
-        if self.num_layers < 1: raise ValueError(f"num_layers must be at least 1 (block 0 holds the position bias), got {self.num_layers}")
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1 (block 0 holds the position bias), got {self.num_layers}")
         if self.relative_attention_num_buckets < 4 or self.relative_attention_num_buckets % 2:
-            raise ValueError(f"relative_attention_num_buckets must be an even number >= 4, got {self.relative_attention_num_buckets}")
+            raise ValueError(
+                f"relative_attention_num_buckets must be an even number >= 4, got {self.relative_attention_num_buckets}"
+            )
 
     @property
-    def inner_dim(self) -> int: return self.num_heads * self.d_kv
+    def inner_dim(self) -> int:
+        return self.num_heads * self.d_kv
 
     @classmethod
     def xxl(cls):
         "T5-XXL v1.1's encoder, as in SD3 (`google/t5-v1_1-xxl`)."
         return cls()
+
     @classmethod
     def tiny(cls):
         "A 3-layer, 32-wide model with T5's real vocabulary, for tests."
@@ -57,27 +73,31 @@ class T5Config:
 # %% ../nbs/07_t5.ipynb #ecfd0449
 class T5LayerNorm(nn.Module):
     "RMSNorm: scale by the root mean square (computed in fp32), no mean subtraction, no bias."
+
     def __init__(self, d_model: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d_model))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)                          # (B, L, 1) in fp32
+        variance = x.float().pow(2).mean(-1, keepdim=True)  # (B, L, 1) in fp32
         x = x.float() * torch.rsqrt(variance + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16): x = x.to(self.weight.dtype)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
         return self.weight * x
 
 # %% ../nbs/07_t5.ipynb #cec2fb35
-def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
+) -> torch.Tensor:
     "T5's bucket (same shape, long) of each relative position key - query: exact for small distances, logarithmic up to `max_distance`, one bucket beyond."
     buckets = torch.zeros_like(relative_position, dtype=torch.long)
     if bidirectional:
         num_buckets //= 2
-        buckets += (relative_position > 0).long() * num_buckets                   # keys after the query: the upper half
+        buckets += (relative_position > 0).long() * num_buckets  # keys after the query: the upper half
         distance = relative_position.abs()
     else:
-        distance = (-relative_position).clamp(min=0)                              # keys after the query: distance 0
+        distance = (-relative_position).clamp(min=0)  # keys after the query: distance 0
     max_exact = num_buckets // 2
     log_ratio = torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
     large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
@@ -86,29 +106,37 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
 # %% ../nbs/07_t5.ipynb #caf6de31
 class T5Attention(nn.Module):
     "Multi-head attention without biases or 1/sqrt(d) scaling; block 0's also owns the relative-position bias table."
+
     def __init__(self, config: T5Config, has_relative_attention_bias: bool = False):
         super().__init__()
         self.config, self.n_head, self.d_kv = config, config.num_heads, config.d_kv
         self.q, self.k, self.v = (nn.Linear(config.d_model, config.inner_dim, bias=False) for _ in range(3))
         self.o = nn.Linear(config.inner_dim, config.d_model, bias=False)
-        if has_relative_attention_bias: self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        if has_relative_attention_bias:
+            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
 
     def compute_bias(self, length: int) -> torch.Tensor:
         "The position bias (1, H, L, L) for a sequence of `length` tokens."
         pos = torch.arange(length, device=self.relative_attention_bias.weight.device)
-        buckets = relative_position_bucket(pos[None, :] - pos[:, None], True, self.config.relative_attention_num_buckets,
-                                           self.config.relative_attention_max_distance)   # (L, L): key j - query i
-        return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]                 # (1, H, L, L)
+        buckets = relative_position_bucket(
+            pos[None, :] - pos[:, None],
+            True,
+            self.config.relative_attention_num_buckets,
+            self.config.relative_attention_max_distance,
+        )  # (L, L): key j - query i
+        return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # (1, H, L, L)
 
     def forward(self, x: torch.Tensor, position_bias: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
-        q, k, v = (p(x).view(B, L, self.n_head, self.d_kv).transpose(1, 2) for p in (self.q, self.k, self.v))   # (B, H, L, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=position_bias.to(q.dtype), scale=1.0)               # (B, H, L, d)
-        return self.o(y.transpose(1, 2).reshape(B, L, -1))                                                         # (B, L, D)
+        # (B, H, L, d)
+        q, k, v = (p(x).view(B, L, self.n_head, self.d_kv).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=position_bias.to(q.dtype), scale=1.0)  # (B, H, L, d)
+        return self.o(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, D)
 
 # %% ../nbs/07_t5.ipynb #0edcdf30
 class T5LayerSelfAttention(nn.Module):
     "x + attention(RMSNorm(x))."
+
     def __init__(self, config: T5Config, has_relative_attention_bias: bool = False):
         super().__init__()
         self.SelfAttention = T5Attention(config, has_relative_attention_bias)
@@ -120,6 +148,7 @@ class T5LayerSelfAttention(nn.Module):
 # %% ../nbs/07_t5.ipynb #2a4f759a
 class T5DenseGatedActDense(nn.Module):
     "Gated-GELU feed-forward: wo(gelu_tanh(wi_0 x) * wi_1 x), no biases."
+
     def __init__(self, config: T5Config):
         super().__init__()
         self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
@@ -127,11 +156,13 @@ class T5DenseGatedActDense(nn.Module):
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)                # (B, L, F)
-        return self.wo(h.to(self.wo.weight.dtype))                                 # (B, L, D)
+        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)  # (B, L, F)
+        return self.wo(h.to(self.wo.weight.dtype))  # (B, L, D)
+
 
 class T5LayerFF(nn.Module):
     "x + feed-forward(RMSNorm(x))."
+
     def __init__(self, config: T5Config):
         super().__init__()
         self.DenseReluDense = T5DenseGatedActDense(config)
@@ -142,14 +173,18 @@ class T5LayerFF(nn.Module):
 
 # %% ../nbs/07_t5.ipynb #e944aa4c
 def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
-    "transformers' fp16 guard: when any value of an fp16 `x` is infinite, clamp all to +-(fp16 max - 1000); other dtypes pass unchanged."
-    if x.dtype != torch.float16: return x
+    """transformers' fp16 guard: when any value of an fp16 `x` is infinite, clamp all to +-(fp16 max - 1000); other
+    dtypes pass unchanged."""
+    if x.dtype != torch.float16:
+        return x
     big = torch.finfo(torch.float16).max
     limit = torch.where(torch.isinf(x).any(), big - 1000, big).to(x.dtype)
     return x.clamp(-limit, limit)
 
+
 class T5Block(nn.Module):
     "Self-attention then feed-forward, each pre-normed and residual, with the fp16 guard after each."
+
     def __init__(self, config: T5Config, has_relative_attention_bias: bool = False):
         super().__init__()
         self.clamp = config.clamp_fp16
@@ -163,23 +198,30 @@ class T5Block(nn.Module):
 # %% ../nbs/07_t5.ipynb #c9454c2b
 class T5Stack(nn.Module):
     "The encoder's blocks and final RMSNorm, with one position bias computed by block 0 and shared by all."
+
     def __init__(self, config: T5Config):
         super().__init__()
-        self.block = nn.ModuleList(T5Block(config, has_relative_attention_bias=i == 0) for i in range(config.num_layers))
+        self.block = nn.ModuleList(
+            T5Block(config, has_relative_attention_bias=i == 0) for i in range(config.num_layers)
+        )
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, _ = x.shape
-        bias = self.block[0].layer[0].SelfAttention.compute_bias(L).to(x.dtype)             # (1, H, L, L)
+        bias = self.block[0].layer[0].SelfAttention.compute_bias(L).to(x.dtype)  # (1, H, L, L)
         if attention_mask is not None:
-            if attention_mask.shape != (B, L): raise ValueError(f"attention_mask must have shape {(B, L)}, got {tuple(attention_mask.shape)}")
-            keep = attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]     # (B, 1, 1, L)
-            bias = torch.where(keep, bias, torch.finfo(bias.dtype).min)                      # (B, H, L, L)
-        for block in self.block: x = block(x, bias)
-        return self.final_layer_norm(x)                                                     # (B, L, D)
+            if attention_mask.shape != (B, L):
+                raise ValueError(f"attention_mask must have shape {(B, L)}, got {tuple(attention_mask.shape)}")
+            keep = attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, L)
+            bias = torch.where(keep, bias, torch.finfo(bias.dtype).min)  # (B, H, L, L)
+        for block in self.block:
+            x = block(x, bias)
+        return self.final_layer_norm(x)  # (B, L, D)
+
 
 class T5Encoder(nn.Module):
     "The T5 v1.1 encoder: `model(ids)` gives the last hidden state (B, L, D)."
+
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = config
@@ -187,8 +229,9 @@ class T5Encoder(nn.Module):
         self.encoder = T5Stack(config)
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        "Encode token ids (B, L); all tokens attend to all unless a padding `attention_mask` (B, L) is given (SD3 gives none)."
-        validate_ids(ids)                                                             # no position table: any length
+        """Encode token ids (B, L); all tokens attend to all unless a padding `attention_mask` (B, L) is given (SD3
+        gives none)."""
+        validate_ids(ids)  # no position table: any length
         return self.encoder(self.shared(ids), attention_mask)
 
 # %% ../nbs/07_t5.ipynb #3ee760b5
@@ -200,60 +243,95 @@ def t5_num_params(config: T5Config) -> int:
 
 # %% ../nbs/07_t5.ipynb #c28232e6
 def cast_t5_state(state, dtype: torch.dtype | None = None, wo_fp32: bool = False) -> LazyStateDict:
-    "`state` (anything `open_checkpoint` opens) with floats cast to `dtype` as they are fetched; with `wo_fp32`, every feed-forward output projection `wo` is fetched in fp32 instead, from the checkpoint's own values (transformers' fix for fp16 overflow)."
+    """`state` (anything `open_checkpoint` opens) with floats cast to `dtype` as they are fetched; with `wo_fp32`, every
+    feed-forward output projection `wo` is fetched in fp32 instead, from the checkpoint's own values (transformers'
+    fix for fp16 overflow)."""
     state = open_checkpoint(state)
     cast = load_state_dict(state, dtype=dtype)
-    if not wo_fp32: return cast
-    return cast.with_tensors({k: (lambda k=k: state[k].float()) for k in state if k.endswith("DenseReluDense.wo.weight")})
+    if not wo_fp32:
+        return cast
+    return cast.with_tensors(
+        {k: (lambda k=k: state[k].float()) for k in state if k.endswith("DenseReluDense.wo.weight")}
+    )
 
 # %% ../nbs/07_t5.ipynb #147799ec
-T5_RENAMES = [(r"^(decoder\.|lm_head\.)", None)]   # the decoder half of a full T5ForConditionalGeneration
+T5_RENAMES = [(r"^(decoder\.|lm_head\.)", None)]  # the decoder half of a full T5ForConditionalGeneration
+
 
 def t5_state(source, prefix: str | None = None) -> LazyStateDict:
-    "A T5 encoder's tensors in our key names from anything `open_checkpoint` opens: the single-file prefix found or given, the decoder dropped, and transformers' tied `encoder.embed_tokens.weight` folded into `shared.weight`."
+    """A T5 encoder's tensors in our key names from anything `open_checkpoint` opens: the single-file prefix found or
+    given, the decoder dropped, and transformers' tied `encoder.embed_tokens.weight` folded into `shared.weight`."""
     state = open_checkpoint(source)
     prefix = component_prefix(state, prefix, ("t5xxl",), native=("encoder.", "shared."))
-    if prefix: state = strip_prefix(state, prefix)
+    if prefix:
+        state = strip_prefix(state, prefix)
     state = rename_keys(state, T5_RENAMES)
     if "encoder.embed_tokens.weight" in state:
-        state = rename_keys(state, [(r"^encoder\.embed_tokens\.weight$", None if "shared.weight" in state else "shared.weight")])
+        state = rename_keys(
+            state, [(r"^encoder\.embed_tokens\.weight$", None if "shared.weight" in state else "shared.weight")]
+        )
     if "shared.weight" not in state:
         raise wrong_model_error(state, "a T5 encoder", "shared.weight")
     if "encoder.block.0.layer.1.DenseReluDense.wi.weight" in state:
-        raise CheckpointError(f"{state.source} is a T5 v1.0 checkpoint (ReLU feed-forward, DenseReluDense.wi): SD3 uses T5 v1.1, whose gated feed-forward has wi_0 and wi_1")
+        raise CheckpointError(
+            f"{state.source} is a T5 v1.0 checkpoint (ReLU feed-forward, DenseReluDense.wi): SD3 uses T5 v1.1, whose gated feed-forward has wi_0 and wi_1"
+        )
     return state
 
 # %% ../nbs/07_t5.ipynb #c29ff1d3
 def t5_config(state, config_json: dict | None = None, **overrides) -> T5Config:
-    "A T5Config for `state` (our key names): sizes from the shapes; max distance and eps from transformers' `config_json` when given, else T5 v1.1's 128 and 1e-6."
+    """A T5Config for `state` (our key names): sizes from the shapes; max distance and eps from transformers'
+    `config_json` when given, else T5 v1.1's 128 and 1e-6."""
     V, D = state["shared.weight"].shape
     buckets, H = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
     layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"encoder\.block\.(\d+)\.", k))})
-    if layers != list(range(len(layers))) or not layers: raise CheckpointError(f"The checkpoint's blocks are numbered {layers[:5]}...: expected 0, 1, ..., N-1")
-    found = dict(vocab_size=V, d_model=D, num_heads=H, relative_attention_num_buckets=buckets, num_layers=len(layers),
-                 d_kv=state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // H,
-                 d_ff=state["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0])
+    if layers != list(range(len(layers))) or not layers:
+        raise CheckpointError(f"The checkpoint's blocks are numbered {layers[:5]}...: expected 0, 1, ..., N-1")
+    found = dict(
+        vocab_size=V,
+        d_model=D,
+        num_heads=H,
+        relative_attention_num_buckets=buckets,
+        num_layers=len(layers),
+        d_kv=state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // H,
+        d_ff=state["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
+    )
     js = config_json or {}
     if js.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-        raise CheckpointError(f"config.json has feed_forward_proj={js['feed_forward_proj']!r}: this encoder is T5 v1.1's, 'gated-gelu'")
+        raise CheckpointError(
+            f"config.json has feed_forward_proj={js['feed_forward_proj']!r}: this encoder is T5 v1.1's, 'gated-gelu'"
+        )
     found.update({k: js[k] for k in ("relative_attention_max_distance", "layer_norm_epsilon") if k in js})
     return T5Config(**{**found, **overrides})
 
 # %% ../nbs/07_t5.ipynb #8c61289b
-def load_t5(source, prefix: str | None = None, dtype: torch.dtype | None = None, device=None, wo_fp32: bool | None = None, **overrides) -> T5Encoder:
+def load_t5(
+    source,
+    prefix: str | None = None,
+    dtype: torch.dtype | None = None,
+    device=None,
+    wo_fp32: bool | None = None,
+    **overrides,
+) -> T5Encoder:
     "A T5 v1.1 encoder in eval mode from a .safetensors file, a transformers / diffusers folder (sharded or not), an SD3 single or all-in-one file or a state dict; an fp16 model keeps `wo` in fp32 unless `wo_fp32=False`."
     state = t5_state(source, prefix)
     config = t5_config(state, read_config(source), **overrides)
-    if wo_fp32 is None: wo_fp32 = (dtype or state["shared.weight"].dtype) == torch.float16    # an fp16 model, asked for or from an fp16 file
+    if wo_fp32 is None:
+        wo_fp32 = (
+            dtype or state["shared.weight"].dtype
+        ) == torch.float16  # an fp16 model, asked for or from an fp16 file
     return load_into(partial(T5Encoder, config), cast_t5_state(state, dtype, wo_fp32), device=device).eval()
 
 # %% ../nbs/07_t5.ipynb #e783d43a
 def check_relative_position_bucket(fn, **kwargs) -> bool:
-    "Check an implementation of `relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance)` on hidden cases."
+    """Check an implementation of `relative_position_bucket(relative_position, bidirectional, num_buckets,
+    max_distance)` on hidden cases."""
     grid, pos = torch.arange(-300, 301), torch.arange(40)
-    cases = [Case("all relative positions from -300 to 300", (grid,)),
-             Case("the (L, L) matrix of a 40-token sequence", (pos[None, :] - pos[:, None],)),
-             Case("16 buckets, maximum distance 20", (grid, True, 16, 20)),
-             Case("64 buckets, maximum distance 256", (grid, True, 64, 256)),
-             Case("unidirectional (the decoder's variant)", (grid, False, 32, 128))]
+    cases = [
+        Case("all relative positions from -300 to 300", (grid,)),
+        Case("the (L, L) matrix of a 40-token sequence", (pos[None, :] - pos[:, None],)),
+        Case("16 buckets, maximum distance 20", (grid, True, 16, 20)),
+        Case("64 buckets, maximum distance 256", (grid, True, 64, 256)),
+        Case("unidirectional (the decoder's variant)", (grid, False, 32, 128)),
+    ]
     return run_checks(fn, relative_position_bucket, cases, **kwargs)

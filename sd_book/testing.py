@@ -19,55 +19,84 @@ import torch
 @dataclass
 class Case:
     "One hidden test case: a description shown on failure, and the arguments to call with."
+
     name: str
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
 
 # %% ../nbs/00_testing.ipynb #f0d185ee
 def describe_mismatch(got, expected, atol: float = 1e-5, rtol: float = 1e-5, where: str = "the result") -> str | None:
-    "None if `got` matches `expected` to tolerance, else a description of the difference that does not reveal `expected`."
+    """None if `got` matches `expected` to tolerance, else a description of the difference that does not reveal
+    `expected`."""
     if isinstance(expected, torch.Tensor):
-        if not isinstance(got, torch.Tensor): return f"{where} should be a tensor, got {type(got).__name__}"
-        if tuple(got.shape) != tuple(expected.shape): return f"{where} has shape {tuple(got.shape)}, which is not the expected shape"
+        if not isinstance(got, torch.Tensor):
+            return f"{where} should be a tensor, got {type(got).__name__}"
+        if tuple(got.shape) != tuple(expected.shape):
+            return f"{where} has shape {tuple(got.shape)}, which is not the expected shape"
         got, expected = got.detach().cpu().double(), expected.detach().cpu().double()
-        if got.isnan().any() and not expected.isnan().any(): return f"{where} contains NaN"
+        if got.isnan().any() and not expected.isnan().any():
+            return f"{where} contains NaN"
         if not torch.allclose(got, expected, atol=atol, rtol=rtol, equal_nan=True):
             return f"{where} differs by up to {(got - expected).abs().nan_to_num(0).max().item():.3g} (tolerance {atol:g} + {rtol:g}*|expected|)"
         return None
     if isinstance(expected, (list, tuple)):
-        if not isinstance(got, (list, tuple)): return f"{where} should be a {type(expected).__name__}, got {type(got).__name__}"
-        if len(got) != len(expected): return f"{where} has {len(got)} elements, which is not the expected number"
+        if not isinstance(got, (list, tuple)):
+            return f"{where} should be a {type(expected).__name__}, got {type(got).__name__}"
+        if len(got) != len(expected):
+            return f"{where} has {len(got)} elements, which is not the expected number"
         for i, (g, e) in enumerate(zip(got, expected)):
-            if (msg := describe_mismatch(g, e, atol, rtol, f"element {i} of {where}")): return msg
+            if msg := describe_mismatch(g, e, atol, rtol, f"element {i} of {where}"):
+                return msg
         return None
     if isinstance(expected, dict):
-        if not isinstance(got, dict): return f"{where} should be a dict, got {type(got).__name__}"
-        if set(got) != set(expected): return f"{where} has keys that differ from the expected ones ({len(set(got) ^ set(expected))} differ)"
+        if not isinstance(got, dict):
+            return f"{where} should be a dict, got {type(got).__name__}"
+        if set(got) != set(expected):
+            return f"{where} has keys that differ from the expected ones ({len(set(got) ^ set(expected))} differ)"
         for k in expected:
-            if (msg := describe_mismatch(got[k], expected[k], atol, rtol, f"{where}[{k!r}]")): return msg
+            if msg := describe_mismatch(got[k], expected[k], atol, rtol, f"{where}[{k!r}]"):
+                return msg
         return None
     if isinstance(expected, float) and isinstance(got, (int, float)):
-        return None if math.isclose(got, expected, rel_tol=rtol, abs_tol=atol) else f"{where} is {got!r}, which is not the expected value"
+        return (
+            None
+            if math.isclose(got, expected, rel_tol=rtol, abs_tol=atol)
+            else f"{where} is {got!r}, which is not the expected value"
+        )
     return None if got == expected else f"{where} is {got!r}, which is not the expected value"
 
 # %% ../nbs/00_testing.ipynb #dc272621
-def run_checks(fn, reference, cases: list, name: str | None = None, atol: float = 1e-5, rtol: float = 1e-5,
-               compare=None, verbose: bool = True) -> bool:
+def run_checks(
+    fn,
+    reference,
+    cases: list,
+    name: str | None = None,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    compare=None,
+    verbose: bool = True,
+) -> bool:
     "Run `fn` and `reference` on each hidden case; print a pass or the first failing case and how it failed; return True if all pass."
     name = name or getattr(reference, "__name__", "function")
     compare = compare or (lambda got, expected: describe_mismatch(got, expected, atol, rtol))
+
     def say(msg):
-        if verbose: print(msg)
+        if verbose:
+            print(msg)
+
     for i, case in enumerate(cases, 1):
         expected = reference(*copy.deepcopy(case.args), **copy.deepcopy(case.kwargs))
-        try: got = fn(*copy.deepcopy(case.args), **copy.deepcopy(case.kwargs))
+        try:
+            got = fn(*copy.deepcopy(case.args), **copy.deepcopy(case.kwargs))
         except NotImplementedError:
             say(f"✗ {name}: not implemented yet (the stub still raises NotImplementedError)")
             return False
         except Exception as e:
-            say(f"✗ {name}: case {i}/{len(cases)} ({case.name}) raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=-1)}")
+            say(
+                f"✗ {name}: case {i}/{len(cases)} ({case.name}) raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=-1)}"
+            )
             return False
-        if (msg := compare(got, expected)):
+        if msg := compare(got, expected):
             say(f"✗ {name}: case {i}/{len(cases)} ({case.name}): {msg}")
             return False
     say(f"✓ {name}: all {len(cases)} hidden cases pass")
@@ -76,10 +105,14 @@ def run_checks(fn, reference, cases: list, name: str | None = None, atol: float 
 # %% ../nbs/00_testing.ipynb #22c65d6f
 def __getattr__(name: str):
     "Find `check_<name>` helpers defined by the chapters' modules, so they can all be imported from `sd_book.testing`."
-    if not name.startswith("check_"): raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if not name.startswith("check_"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import sd_book
+
     for info in pkgutil.iter_modules(sd_book.__path__):
-        if info.name in ("testing", "_modidx"): continue
+        if info.name in ("testing", "_modidx"):
+            continue
         module = importlib.import_module(f"sd_book.{info.name}")
-        if callable(getattr(module, name, None)): return getattr(module, name)
+        if callable(getattr(module, name, None)):
+            return getattr(module, name)
     raise AttributeError(f"No exercise checker named {name!r} in any sd_book module")

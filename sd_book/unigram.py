@@ -31,13 +31,19 @@ from .bpe import WHITE_SPACE, added_token_pattern, batch_texts, cached, id_list,
 from .testing import Case, run_checks
 
 # %% ../nbs/04_unigram.ipynb #9bdf5a75
-SPACE = "\u2581"   # '▁', SentencePiece's visible space
+SPACE = "\u2581"  # '▁', SentencePiece's visible space
 
 # %% ../nbs/04_unigram.ipynb #038a32db
 def lattice(text: str, logp: dict, max_len: int | None = None) -> list:
-    "The edges (i, j, piece, log p) of the segmentation lattice of `text`, pieces of at most `max_len` characters (default: the longest in `logp`), ordered by start then end."
+    """The edges (i, j, piece, log p) of the segmentation lattice of `text`, pieces of at most `max_len` characters
+    (default: the longest in `logp`), ordered by start then end."""
     max_len = max_len or max(map(len, logp), default=1)
-    return [(i, j, text[i:j], logp[text[i:j]]) for i in range(len(text)) for j in range(i + 1, min(len(text), i + max_len) + 1) if text[i:j] in logp]
+    return [
+        (i, j, text[i:j], logp[text[i:j]])
+        for i in range(len(text))
+        for j in range(i + 1, min(len(text), i + max_len) + 1)
+        if text[i:j] in logp
+    ]
 
 # %% ../nbs/04_unigram.ipynb #c1524d6a
 def viterbi(text: str, logp: dict, max_len: int | None = None) -> list:
@@ -48,16 +54,21 @@ def viterbi(text: str, logp: dict, max_len: int | None = None) -> list:
     for j in range(1, n + 1):
         for i in range(max(0, j - max_len), j):
             lp = logp.get(text[i:j])
-            if lp is not None and best[i] + lp > best[j]: best[j], back[j] = best[i] + lp, i
-    if best[n] == -math.inf: raise ValueError(f"No segmentation of {text!r} with this vocabulary (is every character a piece?)")
+            if lp is not None and best[i] + lp > best[j]:
+                best[j], back[j] = best[i] + lp, i
+    if best[n] == -math.inf:
+        raise ValueError(f"No segmentation of {text!r} with this vocabulary (is every character a piece?)")
     pieces = []
-    while n > 0: pieces.append(text[back[n]:n]); n = back[n]
+    while n > 0:
+        pieces.append(text[back[n] : n])
+        n = back[n]
     return pieces[::-1]
 
 # %% ../nbs/04_unigram.ipynb #220b10ba
 def logaddexp(a: float, b: float) -> float:
     "log(exp(a) + exp(b)) without overflow or underflow."
-    if a < b: a, b = b, a
+    if a < b:
+        a, b = b, a
     return a if b == -math.inf else a + math.log1p(math.exp(b - a))
 
 # %% ../nbs/04_unigram.ipynb #7e264aa2
@@ -65,33 +76,43 @@ def forward_backward(text: str, logp: dict, max_len: int | None = None) -> tuple
     "log P(text) summed over all segmentations, and the expected count of each piece (a Counter)."
     n, edges = len(text), lattice(text, logp, max_len)
     alpha, beta = [0.0] + [-math.inf] * n, [-math.inf] * n + [0.0]
-    for i, j, _, lp in edges: alpha[j] = logaddexp(alpha[j], alpha[i] + lp)        # edges come sorted by start i
-    for i, j, _, lp in reversed(edges): beta[i] = logaddexp(beta[i], lp + beta[j])
-    if alpha[n] == -math.inf: raise ValueError(f"No segmentation of {text!r} with this vocabulary")
+    for i, j, _, lp in edges:
+        alpha[j] = logaddexp(alpha[j], alpha[i] + lp)  # edges come sorted by start i
+    for i, j, _, lp in reversed(edges):
+        beta[i] = logaddexp(beta[i], lp + beta[j])
+    if alpha[n] == -math.inf:
+        raise ValueError(f"No segmentation of {text!r} with this vocabulary")
     counts = Counter()
-    for i, j, piece, lp in edges: counts[piece] += math.exp(alpha[i] + lp + beta[j] - alpha[n])
+    for i, j, piece, lp in edges:
+        counts[piece] += math.exp(alpha[i] + lp + beta[j] - alpha[n])
     return alpha[n], counts
 
 # %% ../nbs/04_unigram.ipynb #bd6b156d
 def em_step(words: dict, logp: dict, max_len: int | None = None) -> tuple:
-    "One EM round on `words` (word -> frequency): new log-probabilities (pieces with zero expected count dropped, characters kept) and the log-likelihood under the old ones."
+    """One EM round on `words` (word -> frequency): new log-probabilities (pieces with zero expected count dropped,
+    characters kept) and the log-likelihood under the old ones."""
     max_len = max_len or max(map(len, logp), default=1)
     counts, loglik = Counter(), 0.0
     for w, f in words.items():
         logz, c = forward_backward(w, logp, max_len)
         loglik += f * logz
-        for p, v in c.items(): counts[p] += f * v
+        for p, v in c.items():
+            counts[p] += f * v
     total = sum(counts.values())
-    return {p: math.log(max(counts[p], 1e-12) / total) for p in logp if counts[p] > 0 or len(p) == 1}, loglik   # a character keeps a tiny floor
+    return {
+        p: math.log(max(counts[p], 1e-12) / total) for p in logp if counts[p] > 0 or len(p) == 1
+    }, loglik  # a character keeps a tiny floor
 
 # %% ../nbs/04_unigram.ipynb #6e4c403e
 def seed_vocab(words: dict, size: int, max_len: int = 8) -> dict:
-    "A starting vocabulary: every character plus the `size` substrings (2 to `max_len` characters) with the largest frequency x length, as log-probabilities."
+    """A starting vocabulary: every character plus the `size` substrings (2 to `max_len` characters) with the largest
+    frequency x length, as log-probabilities."""
     chars, subs = Counter(), Counter()
     for w, f in words.items():
         for i in range(len(w)):
             chars[w[i]] += f
-            for j in range(i + 2, min(len(w), i + max_len) + 1): subs[w[i:j]] += f
+            for j in range(i + 2, min(len(w), i + max_len) + 1):
+                subs[w[i:j]] += f
     top = sorted(subs, key=lambda s: (-subs[s] * len(s), s))[:size]
     freq = dict(chars) | {s: subs[s] for s in top}
     total = sum(freq.values())
@@ -99,13 +120,15 @@ def seed_vocab(words: dict, size: int, max_len: int = 8) -> dict:
 
 # %% ../nbs/04_unigram.ipynb #0dd2946f
 def prune_vocab(words: dict, logp: dict, keep: int, max_len: int | None = None) -> dict:
-    "Keep every character and the `keep` multi-character pieces whose removal would cost the most log-likelihood; renormalise."
+    """Keep every character and the `keep` multi-character pieces whose removal would cost the most log-likelihood;
+    renormalise."""
     max_len, logp, used = max_len or max(map(len, logp), default=1), dict(logp), Counter()
     for w, f in words.items():
-        for p in viterbi(w, logp, max_len): used[p] += f
+        for p in viterbi(w, logp, max_len):
+            used[p] += f
     loss = {}
     for p in [p for p in logp if len(p) > 1]:
-        lp = logp.pop(p)                                   # the best way to write p without p itself
+        lp = logp.pop(p)  # the best way to write p without p itself
         loss[p] = used[p] * (lp - sum(logp[q] for q in viterbi(p, logp, max_len)))
         logp[p] = lp
     kept = [p for p in logp if len(p) == 1] + sorted(loss, key=lambda p: (-loss[p], p))[:keep]
@@ -113,18 +136,28 @@ def prune_vocab(words: dict, logp: dict, keep: int, max_len: int | None = None) 
     return {p: logp[p] - log_total for p in kept}
 
 # %% ../nbs/04_unigram.ipynb #15f7d10d
-def train_unigram(words: dict, vocab_size: int, seed_size: int = 2000, max_len: int = 8, shrink: float = 0.75,
-                  em_rounds: int = 2, progress: bool = True) -> tuple:
+def train_unigram(
+    words: dict,
+    vocab_size: int,
+    seed_size: int = 2000,
+    max_len: int = 8,
+    shrink: float = 0.75,
+    em_rounds: int = 2,
+    progress: bool = True,
+) -> tuple:
     "Train a unigram vocabulary of about `vocab_size` pieces on `words` (word -> frequency) by EM and pruning; returns (log-probabilities, history of (vocabulary size, log-likelihood) per EM round)."
-    if vocab_size < 1: raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
     logp, history = seed_vocab(words, seed_size, max_len), []
     bar = tqdm(desc="EM rounds", disable=not progress)
     while True:
         for _ in range(em_rounds):
             logp, ll = em_step(words, logp, max_len)
-            history.append((len(logp), ll)); bar.update()
+            history.append((len(logp), ll))
+            bar.update()
         n_chars = sum(len(p) == 1 for p in logp)
-        if len(logp) <= max(vocab_size, n_chars): break
+        if len(logp) <= max(vocab_size, n_chars):
+            break
         logp = prune_vocab(words, logp, max(vocab_size - n_chars, int(shrink * (len(logp) - n_chars))), max_len)
     bar.close()
     return logp, history
@@ -134,13 +167,16 @@ def read_varint(buf: bytes, pos: int) -> tuple:
     "Decode the protobuf varint starting at `buf[pos]`: (value, position after it)."
     result = shift = 0
     while True:
-        if pos >= len(buf): raise ValueError(f"truncated varint: the data ends at byte {pos}")
+        if pos >= len(buf):
+            raise ValueError(f"truncated varint: the data ends at byte {pos}")
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
-        if byte < 0x80: return result, pos
+        if byte < 0x80:
+            return result, pos
         shift += 7
-        if shift >= 70: raise ValueError(f"varint longer than 10 bytes ending at byte {pos}")
+        if shift >= 70:
+            raise ValueError(f"varint longer than 10 bytes ending at byte {pos}")
 
 # %% ../nbs/04_unigram.ipynb #5da8c05e
 def parse_message(buf: bytes) -> dict:
@@ -149,37 +185,52 @@ def parse_message(buf: bytes) -> dict:
     while pos < n:
         key, pos = read_varint(buf, pos)
         number, wire = key >> 3, key & 7
-        if number == 0: raise ValueError(f"field number 0 before byte {pos}")
-        if wire == 0: value, pos = read_varint(buf, pos)
+        if number == 0:
+            raise ValueError(f"field number 0 before byte {pos}")
+        if wire == 0:
+            value, pos = read_varint(buf, pos)
         else:
-            if wire == 2: size, pos = read_varint(buf, pos)
-            elif wire in (1, 5): size = 8 if wire == 1 else 4
-            else: raise ValueError(f"field {number} has wire type {wire} before byte {pos}: only 0, 1, 2 and 5 occur in SentencePiece models")
-            if pos + size > n: raise ValueError(f"field {number} needs {size} bytes from byte {pos} but the data ends at byte {n}")
-            value, pos = buf[pos:pos + size], pos + size
+            if wire == 2:
+                size, pos = read_varint(buf, pos)
+            elif wire in (1, 5):
+                size = 8 if wire == 1 else 4
+            else:
+                raise ValueError(
+                    f"field {number} has wire type {wire} before byte {pos}: only 0, 1, 2 and 5 occur in SentencePiece models"
+                )
+            if pos + size > n:
+                raise ValueError(f"field {number} needs {size} bytes from byte {pos} but the data ends at byte {n}")
+            value, pos = buf[pos : pos + size], pos + size
         fields.setdefault(number, []).append(value)
     return fields
 
 # %% ../nbs/04_unigram.ipynb #64a954bd
 def field(fields: dict, number: int, kind: type, default):
-    "The last value of field `number` in a parsed message, as `kind` (int, bool, float, str or bytes), or `default` when absent."
-    if number not in fields: return default
+    """The last value of field `number` in a parsed message, as `kind` (int, bool, float, str or bytes), or `default`
+    when absent."""
+    if number not in fields:
+        return default
     value = fields[number][-1]
     if kind in (int, bool):
-        if not isinstance(value, int): raise ValueError(f"field {number} should be a varint")
+        if not isinstance(value, int):
+            raise ValueError(f"field {number} should be a varint")
         return bool(value) if kind is bool else (value - (1 << 64) if value >= 1 << 63 else value)
-    if isinstance(value, int): raise ValueError(f"field {number} should hold bytes, found a varint")
+    if isinstance(value, int):
+        raise ValueError(f"field {number} should hold bytes, found a varint")
     if kind is float:
-        if len(value) != 4: raise ValueError(f"field {number} should be a 4-byte float, found {len(value)} bytes")
+        if len(value) != 4:
+            raise ValueError(f"field {number} should be a 4-byte float, found {len(value)} bytes")
         return struct.unpack("<f", value)[0]
     return value.decode("utf-8") if kind is str else value
 
 # %% ../nbs/04_unigram.ipynb #6abb5661
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
+
 @dataclass
 class SentencePieceModel:
     "What encoding and decoding need from a SentencePiece `ModelProto`."
+
     pieces: list
     scores: list
     types: list
@@ -203,27 +254,47 @@ def parse_sentencepiece_model(buf: bytes) -> SentencePieceModel:
     top = parse_message(buf)
     pieces, scores, types = [], [], []
     for raw in top.get(1, []):
-        if isinstance(raw, int): raise ValueError("field 1 (pieces) should hold messages, found a varint")
+        if isinstance(raw, int):
+            raise ValueError("field 1 (pieces) should hold messages, found a varint")
         piece = parse_message(raw)
-        pieces.append(field(piece, 1, str, "")); scores.append(field(piece, 2, float, 0.0)); types.append(field(piece, 3, int, NORMAL))
+        pieces.append(field(piece, 1, str, ""))
+        scores.append(field(piece, 2, float, 0.0))
+        types.append(field(piece, 3, int, NORMAL))
     trainer, norm = parse_message(field(top, 2, bytes, b"")), parse_message(field(top, 3, bytes, b""))
     return SentencePieceModel(
-        pieces, scores, types, model_type=field(trainer, 3, int, 1), byte_fallback=field(trainer, 35, bool, False),
-        treat_whitespace_as_suffix=field(trainer, 24, bool, False), unk_id=field(trainer, 40, int, 0), bos_id=field(trainer, 41, int, 1),
-        eos_id=field(trainer, 42, int, 2), pad_id=field(trainer, 43, int, -1), unk_surface=field(trainer, 44, str, " \u2047 "),
-        normalizer_name=field(norm, 1, str, ""), precompiled_charsmap=field(norm, 2, bytes, b""),
-        add_dummy_prefix=field(norm, 3, bool, True), remove_extra_whitespaces=field(norm, 4, bool, True), escape_whitespaces=field(norm, 5, bool, True))
+        pieces,
+        scores,
+        types,
+        model_type=field(trainer, 3, int, 1),
+        byte_fallback=field(trainer, 35, bool, False),
+        treat_whitespace_as_suffix=field(trainer, 24, bool, False),
+        unk_id=field(trainer, 40, int, 0),
+        bos_id=field(trainer, 41, int, 1),
+        eos_id=field(trainer, 42, int, 2),
+        pad_id=field(trainer, 43, int, -1),
+        unk_surface=field(trainer, 44, str, " \u2047 "),
+        normalizer_name=field(norm, 1, str, ""),
+        precompiled_charsmap=field(norm, 2, bytes, b""),
+        add_dummy_prefix=field(norm, 3, bool, True),
+        remove_extra_whitespaces=field(norm, 4, bool, True),
+        escape_whitespaces=field(norm, 5, bool, True),
+    )
 
 # %% ../nbs/04_unigram.ipynb #1f24b71d
 def load_sentencepiece_model(path) -> SentencePieceModel:
     "Read a `spiece.model` file; errors name the file and say what is wrong with it."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{path}: no such file (expected a SentencePiece model such as spiece.model)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected a SentencePiece model such as spiece.model)")
     buf = path.read_bytes()
-    if not buf: raise ValueError(f"{path}: the file is empty, expected a SentencePiece model")
-    try: model = parse_sentencepiece_model(buf)
-    except (ValueError, UnicodeDecodeError, struct.error) as e: raise ValueError(f"{path}: not a valid SentencePiece model ({e})") from None
-    if not model.pieces: raise ValueError(f"{path}: not a valid SentencePiece model (it has no pieces)")
+    if not buf:
+        raise ValueError(f"{path}: the file is empty, expected a SentencePiece model")
+    try:
+        model = parse_sentencepiece_model(buf)
+    except (ValueError, UnicodeDecodeError, struct.error) as e:
+        raise ValueError(f"{path}: not a valid SentencePiece model ({e})") from None
+    if not model.pieces:
+        raise ValueError(f"{path}: not a valid SentencePiece model (it has no pieces)")
     return model
 
 # %% ../nbs/04_unigram.ipynb #5fcc380c
@@ -231,93 +302,131 @@ def _offset(unit: int) -> int:
     "The offset field of a darts-clone unit: bits 10-31, shifted left by 8 more when bit 9 is set."
     return (unit >> 10) << ((unit & (1 << 9)) >> 6)
 
+
 @functools.lru_cache(maxsize=4)
 def decode_charsmap(blob: bytes) -> dict:
     "Every rewrite rule in a SentencePiece `precompiled_charsmap`, as {source string: replacement}."
-    if not blob: return {}
-    if len(blob) < 4: raise ValueError("precompiled_charsmap is shorter than its 4-byte header")
+    if not blob:
+        return {}
+    if len(blob) < 4:
+        raise ValueError("precompiled_charsmap is shorter than its 4-byte header")
     (size,) = struct.unpack_from("<I", blob)
-    if size % 4 or 4 + size > len(blob): raise ValueError(f"precompiled_charsmap says its trie has {size} bytes but only {len(blob) - 4} follow")
-    units, strings = struct.unpack_from(f"<{size // 4}I", blob, 4), blob[4 + size:]
+    if size % 4 or 4 + size > len(blob):
+        raise ValueError(f"precompiled_charsmap says its trie has {size} bytes but only {len(blob) - 4} follow")
+    units, strings = struct.unpack_from(f"<{size // 4}I", blob, 4), blob[4 + size :]
     children = {}
     for i, unit in enumerate(units):
-        if 0 < (label := unit & 0x800000FF) < 256: children.setdefault(i ^ label, []).append(label)
+        if 0 < (label := unit & 0x800000FF) < 256:
+            children.setdefault(i ^ label, []).append(label)
     rules, stack = {}, [(b"", _offset(units[0]))]
     try:
         while stack:
             key, base = stack.pop()
-            if len(key) > 64: raise ValueError("a key longer than 64 bytes")
+            if len(key) > 64:
+                raise ValueError("a key longer than 64 bytes")
             for byte in children.get(base, ()):
                 unit, child = units[base ^ byte], key + bytes([byte])
                 nxt = base ^ byte ^ _offset(unit)
                 if unit >> 8 & 1:
                     start = units[nxt] & 0x7FFFFFFF
-                    rules[child.decode("utf-8")] = strings[start:strings.index(b"\0", start)].decode("utf-8")
+                    rules[child.decode("utf-8")] = strings[start : strings.index(b"\0", start)].decode("utf-8")
                 stack.append((child, nxt))
-    except (IndexError, ValueError, UnicodeDecodeError) as e: raise ValueError(f"precompiled_charsmap is corrupt: {e}") from None
-    if not rules: raise ValueError("precompiled_charsmap is corrupt: its trie holds no rules")
+    except (IndexError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"precompiled_charsmap is corrupt: {e}") from None
+    if not rules:
+        raise ValueError("precompiled_charsmap is corrupt: its trie holds no rules")
     return rules
 
 # %% ../nbs/04_unigram.ipynb #4b9f1889
 def longest_match(text: str, i: int, keys, max_len: int) -> int:
-    "The length of the longest of `keys` (strings of at most `max_len` characters) that starts at `text[i]`; 0 if none does."
-    return next((k for k in range(min(max_len, len(text) - i), 0, -1) if text[i:i + k] in keys), 0)
+    """The length of the longest of `keys` (strings of at most `max_len` characters) that starts at `text[i]`; 0 if none
+    does."""
+    return next((k for k in range(min(max_len, len(text) - i), 0, -1) if text[i : i + k] in keys), 0)
 
 # %% ../nbs/04_unigram.ipynb #bdd54e75
 class SpmNormalizer:
     "SentencePiece's normaliser: longest-match rewrite rules, then whitespace clean-up and the `▁` prefix."
-    def __init__(self, rules: dict, add_dummy_prefix: bool = True, remove_extra_whitespaces: bool = True,
-                 escape_whitespaces: bool = True, user_defined=()):
+
+    def __init__(
+        self,
+        rules: dict,
+        add_dummy_prefix: bool = True,
+        remove_extra_whitespaces: bool = True,
+        escape_whitespaces: bool = True,
+        user_defined=(),
+    ):
         self.rules, self.max_len = rules, max(map(len, rules), default=0)
         self.user, self.user_max_len = frozenset(user_defined), max(map(len, user_defined), default=0)
-        self.first = frozenset(k[0] for k in rules) | frozenset(u[0] for u in self.user)       # where a rule can start
-        self.last = frozenset(k[-1] for k in rules) | frozenset(u[-1] for u in self.user)      # what a match must contain
-        self.dummy, self.remove, self.space = add_dummy_prefix, remove_extra_whitespaces, SPACE if escape_whitespaces else " "
+        self.first = frozenset(k[0] for k in rules) | frozenset(u[0] for u in self.user)  # where a rule can start
+        self.last = frozenset(k[-1] for k in rules) | frozenset(u[-1] for u in self.user)  # what a match must contain
+        self.dummy, self.remove, self.space = (
+            add_dummy_prefix,
+            remove_extra_whitespaces,
+            SPACE if escape_whitespaces else " ",
+        )
 
     def rewrite(self, text: str) -> list:
-        "The text as a list of pieces: user-defined symbols kept, the longest rule applied at each position, other characters copied."
+        """The text as a list of pieces: user-defined symbols kept, the longest rule applied at each position, other
+        characters copied."""
         out, i, n = [], 0, len(text)
         while i < n:
-            if text[i] not in self.first: out.append(text[i]); i += 1; continue
+            if text[i] not in self.first:
+                out.append(text[i])
+                i += 1
+                continue
             size = longest_match(text, i, self.user, self.user_max_len)
-            if size: out.append(text[i:i + size]); i += size; continue
+            if size:
+                out.append(text[i : i + size])
+                i += size
+                continue
             size = longest_match(text, i, self.rules, self.max_len)
-            out.append(self.rules[text[i:i + size]] if size else text[i]); i += size or 1
+            out.append(self.rules[text[i : i + size]] if size else text[i])
+            i += size or 1
         return out
 
     def __call__(self, text: str) -> str:
         "Normalise `text` as SentencePiece does."
-        if self.remove and self.last.isdisjoint(text):          # no rule can apply: whitespace only
+        if self.remove and self.last.isdisjoint(text):  # no rule can apply: whitespace only
             body = self.space.join(w for w in text.split(" ") if w)
             return ((self.space if self.dummy else "") + body).rstrip(self.space) if body else ""
         pieces, k = self.rewrite(text), 0
-        while self.remove and k < len(pieces) and pieces[k] == " ": k += 1
-        if k == len(pieces): return ""
+        while self.remove and k < len(pieces) and pieces[k] == " ":
+            k += 1
+        if k == len(pieces):
+            return ""
         out, prev_space = [self.space] if self.dummy else [], self.remove
         for p in pieces[k:]:
-            if prev_space: p = p.lstrip(" ")
-            if p: out.append(p.replace(" ", self.space)); prev_space = self.remove and p.endswith(" ")
+            if prev_space:
+                p = p.lstrip(" ")
+            if p:
+                out.append(p.replace(" ", self.space))
+                prev_space = self.remove and p.endswith(" ")
         text = "".join(out)
         return text.rstrip(self.space) if self.remove else text
 
 # %% ../nbs/04_unigram.ipynb #beed2d35
 _F32 = struct.Struct("<f")
+
+
 def f32(x: float) -> float:
     "`x` rounded to the nearest float32 (as a Python float)."
     return _F32.unpack(_F32.pack(x))[0]
+
 
 def build_trie(piece_ids: dict) -> dict:
     "A character trie of nested dicts; the key '' of a node holds the id of the piece that ends there."
     root = {}
     for piece, i in piece_ids.items():
         node = root
-        for c in piece: node = node.setdefault(c, {})
+        for c in piece:
+            node = node.setdefault(c, {})
         node[""] = i
     return root
 
 # %% ../nbs/04_unigram.ipynb #523a4bae
-def best_path(text: str, trie: dict, scores: list, unk_id: int, unk_score: float, start_score: float = 0.0,
-              float32: bool = False) -> tuple:
+def best_path(
+    text: str, trie: dict, scores: list, unk_id: int, unk_score: float, start_score: float = 0.0, float32: bool = False
+) -> tuple:
     "Viterbi over the pieces in `trie` with `<unk>` for uncovered characters: (ids, best total score, smallest gap between competing candidates)."
     n = len(text)
     score, start, ids = [start_score] + [0.0] * n, [0] + [-1] * n, [0] * (n + 1)
@@ -326,23 +435,28 @@ def best_path(text: str, trie: dict, scores: list, unk_id: int, unk_score: float
         base, node, j, single = score[i], trie, i, False
         while j < n and (node := node.get(text[j])) is not None:
             j += 1
-            if (pid := node.get("")) is None: continue
+            if (pid := node.get("")) is None:
+                continue
             single = single or j == i + 1
             cand = f32(scores[pid] + base) if float32 else scores[pid] + base
             if start[j] >= 0:
                 d = cand - score[j]
                 gap = min(gap, abs(d))
-                if d <= 0: continue
+                if d <= 0:
+                    continue
             score[j], start[j], ids[j] = cand, i, pid
         if not single:
             cand = f32(unk_score + base) if float32 else unk_score + base
             if start[i + 1] >= 0:
                 d = cand - score[i + 1]
                 gap = min(gap, abs(d))
-                if d <= 0: continue
+                if d <= 0:
+                    continue
             score[i + 1], start[i + 1], ids[i + 1] = cand, i, unk_id
     out, j = [], n
-    while j > 0: out.append(ids[j]); j = start[j]
+    while j > 0:
+        out.append(ids[j])
+        j = start[j]
     return out[::-1], score[n], gap
 
 # %% ../nbs/04_unigram.ipynb #95b05856
@@ -351,7 +465,8 @@ def merge_unknown(ids: list, unk_id: int) -> list:
     return [i for k, i in enumerate(ids) if not (i == unk_id and k and ids[k - 1] == unk_id)]
 
 # %% ../nbs/04_unigram.ipynb #a8cc6483
-FLT_MIN, FLT_MAX = 1.1754943508222875e-38, 3.4028234663852886e+38   # C++'s std::numeric_limits<float>::min() and max()
+FLT_MIN, FLT_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # C++'s std::numeric_limits<float>::min() and max()
+
 
 def split_words(text: str, space: str = SPACE) -> list:
     "Cut `text` before every `space`: '▁a▁▁b' -> ['▁a', '▁', '▁b']."
@@ -360,46 +475,73 @@ def split_words(text: str, space: str = SPACE) -> list:
 
 # %% ../nbs/04_unigram.ipynb #837e1b9b
 class SentencePieceUnigram:
-    "A SentencePiece unigram model as `sentencepiece` runs it: normaliser, float32 Viterbi over a trie, unknown-run merging, decoding."
+    """A SentencePiece unigram model as `sentencepiece` runs it: normaliser, float32 Viterbi over a trie, unknown-run
+    merging, decoding."""
+
     def __init__(self, model: SentencePieceModel, name: str = "spiece.model"):
-        if model.model_type != 1: raise ValueError(f"{name}: model_type is {model.model_type}, but only unigram models (1) are supported")
-        if model.byte_fallback or BYTE in model.types: raise NotImplementedError(f"{name}: byte-fallback models are not supported (T5 does not use byte fallback)")
-        if model.treat_whitespace_as_suffix: raise NotImplementedError(f"{name}: treat_whitespace_as_suffix is not supported (T5 does not use it)")
+        if model.model_type != 1:
+            raise ValueError(f"{name}: model_type is {model.model_type}, but only unigram models (1) are supported")
+        if model.byte_fallback or BYTE in model.types:
+            raise NotImplementedError(f"{name}: byte-fallback models are not supported (T5 does not use byte fallback)")
+        if model.treat_whitespace_as_suffix:
+            raise NotImplementedError(f"{name}: treat_whitespace_as_suffix is not supported (T5 does not use it)")
         self.model, self.pieces, self.types, self.vocab_size = model, model.pieces, model.types, len(model.pieces)
-        for what, i, kind in [("unk_id", model.unk_id, UNKNOWN), ("eos_id", model.eos_id, CONTROL), ("pad_id", model.pad_id, CONTROL)]:
-            if not 0 <= i < self.vocab_size or self.types[i] != kind: raise ValueError(f"{name}: {what} = {i} is not a piece of type {kind} among the {self.vocab_size} pieces (T5 models have pad 0, eos 1, unk 2)")
+        for what, i, kind in [
+            ("unk_id", model.unk_id, UNKNOWN),
+            ("eos_id", model.eos_id, CONTROL),
+            ("pad_id", model.pad_id, CONTROL),
+        ]:
+            if not 0 <= i < self.vocab_size or self.types[i] != kind:
+                raise ValueError(
+                    f"{name}: {what} = {i} is not a piece of type {kind} among the {self.vocab_size} pieces (T5 models have pad 0, eos 1, unk 2)"
+                )
         self.unk_id, self.eos_id, self.pad_id = model.unk_id, model.eos_id, model.pad_id
         normal = [s for s, t in zip(model.scores, model.types) if t == NORMAL]
         self.unk_score, max_score = f32(min(normal, default=FLT_MAX) - 10.0), max(normal + [FLT_MIN])
         self.scores, in_trie = list(model.scores), {}
         for i, (p, t) in enumerate(zip(model.pieces, model.types)):
-            if t not in (NORMAL, USER_DEFINED): continue
-            if p in in_trie: raise ValueError(f"{name}: the piece {p!r} is defined twice (ids {in_trie[p]} and {i})")
+            if t not in (NORMAL, USER_DEFINED):
+                continue
+            if p in in_trie:
+                raise ValueError(f"{name}: the piece {p!r} is defined twice (ids {in_trie[p]} and {i})")
             in_trie[p] = i
-            if t == USER_DEFINED: self.scores[i] = f32(len(p.encode()) * max_score) - 0.1
+            if t == USER_DEFINED:
+                self.scores[i] = f32(len(p.encode()) * max_score) - 0.1
         self.scores[self.unk_id] = self.unk_score
         self.trie = build_trie(in_trie)
-        try: rules = decode_charsmap(model.precompiled_charsmap)
-        except ValueError as e: raise ValueError(f"{name}: {e}") from None
-        self.normalizer = SpmNormalizer(rules, model.add_dummy_prefix, model.remove_extra_whitespaces,
-                                        model.escape_whitespaces, [p for p, t in zip(model.pieces, model.types) if t == USER_DEFINED])
-        self.by_word = all(self.normalizer.space not in p[1:] for p in in_trie)   # every path passes through every ▁
+        try:
+            rules = decode_charsmap(model.precompiled_charsmap)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        self.normalizer = SpmNormalizer(
+            rules,
+            model.add_dummy_prefix,
+            model.remove_extra_whitespaces,
+            model.escape_whitespaces,
+            [p for p, t in zip(model.pieces, model.types) if t == USER_DEFINED],
+        )
+        self.by_word = all(self.normalizer.space not in p[1:] for p in in_trie)  # every path passes through every ▁
         self.max_abs_score, self.cache = max(map(abs, self.scores)), {}
 
     def encode_normalized(self, normalized: str) -> list:
         "Ids of already-normalised text: one float32 Viterbi over all of it."
-        return merge_unknown(best_path(normalized, self.trie, self.scores, self.unk_id, self.unk_score, float32=True)[0], self.unk_id)
+        return merge_unknown(
+            best_path(normalized, self.trie, self.scores, self.unk_id, self.unk_score, float32=True)[0], self.unk_id
+        )
 
     def _exact(self, word: str) -> tuple:
-        "The ids of one word segmented from a score of 0 in double precision, and the smallest gap between competing candidates."
+        """The ids of one word segmented from a score of 0 in double precision, and the smallest gap between competing
+        candidates."""
         ids, _, gap = best_path(word, self.trie, self.scores, self.unk_id, self.unk_score)
         return ids, gap
 
     def _word(self, word: str, total: float) -> tuple:
-        "Ids of one word starting at running score `total`, from the cache when rounding cannot matter; and the new total."
+        """Ids of one word starting at running score `total`, from the cache when rounding cannot matter; and the new
+        total."""
         (ids, gap), n = cached(self.cache, word, self._exact), len(word)
-        if gap > (n + 2) * (abs(total) + (n + 1) * self.max_abs_score) * 2.0 ** -20:
-            for i in ids: total = f32(self.scores[i] + total)
+        if gap > (n + 2) * (abs(total) + (n + 1) * self.max_abs_score) * 2.0**-20:
+            for i in ids:
+                total = f32(self.scores[i] + total)
             return ids, total
         ids, total, _ = best_path(word, self.trie, self.scores, self.unk_id, self.unk_score, total, float32=True)
         return ids, total
@@ -407,7 +549,8 @@ class SentencePieceUnigram:
     def encode(self, text: str) -> list:
         "Ids of `text`, exactly as `sentencepiece` encodes it."
         normalized = self.normalizer(text)
-        if not self.by_word: return self.encode_normalized(normalized)
+        if not self.by_word:
+            return self.encode_normalized(normalized)
         ids, total = [], 0.0
         for w in split_words(normalized, self.normalizer.space):
             word_ids, total = self._word(w, total)
@@ -415,18 +558,22 @@ class SentencePieceUnigram:
         return merge_unknown(ids, self.unk_id)
 
     def decode(self, ids: list) -> str:
-        "Text from ids as `sentencepiece` decodes: control pieces vanish, `<unk>` shows as ' ⁇ ', `▁` becomes a space, the leading one dropped."
+        """Text from ids as `sentencepiece` decodes: control pieces vanish, `<unk>` shows as ' ⁇ ', `▁` becomes a space,
+        the leading one dropped."""
         out, at_start = [], True
         strip = self.model.add_dummy_prefix or self.model.remove_extra_whitespaces
         for i in ids:
-            if self.types[i] == CONTROL: continue
-            if self.types[i] == UNKNOWN: piece = self.model.unk_surface
+            if self.types[i] == CONTROL:
+                continue
+            if self.types[i] == UNKNOWN:
+                piece = self.model.unk_surface
             else:
                 piece = self.pieces[i]
                 if at_start and strip and piece.startswith(SPACE):
                     piece, at_start = piece[1:], self.model.remove_extra_whitespaces
                 piece = piece.replace(SPACE, " ")
-            if piece: at_start = False
+            if piece:
+                at_start = False
             out.append(piece)
         return "".join(out)
 
@@ -435,139 +582,539 @@ def _codepoints(*items) -> frozenset:
     "A set of code points from ints and inclusive (first, last) ranges."
     return frozenset(c for it in items for c in (range(it[0], it[1] + 1) if isinstance(it, tuple) else (it,)))
 
+
 # Extend beyond the categories Mn and Me: Other_Grapheme_Extend (some vowel signs, ZWNJ, half-width sound marks), the emoji skin tones,
 # and the Extend characters added since Unicode 14 (Python 3.11's unicodedata does not know them)
-EXTEND_EXTRA = _codepoints(0x0897, 0x09BE, 0x09D7, 0x0B3E, 0x0B57, 0x0BBE, 0x0BD7, 0x0CC0, 0x0CC2, (0x0CC7, 0x0CC8), (0x0CCA, 0x0CCB), (0x0CD5, 0x0CD6),
-    0x0D3E, 0x0D57, 0x0DCF, 0x0DDF, 0x0ECE, 0x1715, 0x1734, (0x1ACF, 0x1ADD), (0x1AE0, 0x1AEB), 0x1B35, 0x1B3B, 0x1B3D, (0x1B43, 0x1B44), 0x1BAA,
-    (0x1BF2, 0x1BF3), 0x200C, (0x302E, 0x302F), 0xA953, 0xA9C0, (0xFF9E, 0xFF9F), (0x10D69, 0x10D6D), (0x10EFA, 0x10EFF), 0x111C0, 0x11235,
-    0x11241, 0x1133E, 0x1134D, 0x11357, 0x113B8, (0x113BB, 0x113C0), 0x113C2, 0x113C5, (0x113C7, 0x113C9), (0x113CE, 0x113D0), 0x113D2,
-    (0x113E1, 0x113E2), 0x114B0, 0x114BD, 0x115AF, 0x116B6, 0x11930, 0x1193D, 0x11B60, (0x11B62, 0x11B64), 0x11B66, (0x11F00, 0x11F01),
-    (0x11F36, 0x11F3A), (0x11F40, 0x11F42), 0x11F5A, 0x13440, (0x13447, 0x13455), (0x1611E, 0x16129), (0x1612D, 0x1612F), (0x16FF0, 0x16FF1),
-    (0x1D165, 0x1D166), (0x1D16D, 0x1D172), 0x1E08F, (0x1E4EC, 0x1E4EF), (0x1E5EE, 0x1E5EF), 0x1E6E3, 0x1E6E6, (0x1E6EE, 0x1E6EF), 0x1E6F5,
-    (0x1F3FB, 0x1F3FF), (0xE0020, 0xE007F))
-SPACING_EXTRA = _codepoints(0x0CF3, 0x0E33, 0x0EB3, (0x113B9, 0x113BA), 0x113CA, (0x113CC, 0x113CD), 0x1171E, 0x11B61, 0x11B65, 0x11B67, 0x11F03,
-    (0x11F34, 0x11F35), (0x11F3E, 0x11F3F), (0x1612A, 0x1612C))
-NOT_SPACING_MARK = _codepoints(0x102B, 0x102C, 0x1038, (0x1062, 0x1064), (0x1067, 0x106D), 0x1083, (0x1087, 0x108C), 0x108F, (0x109A, 0x109C),
-    0x1A61, 0x1A63, 0x1A64, 0xAA7B, 0xAA7D, 0x11720, 0x11721)      # Mc characters that are not SpacingMark
-PREPEND = _codepoints((0x0600, 0x0605), 0x06DD, 0x070F, (0x0890, 0x0891), 0x08E2, 0x0D4E, 0x110BD, 0x110CD, (0x111C2, 0x111C3), 0x113D1,
-    0x1193F, 0x11941, (0x11A84, 0x11A89), 0x11D46, 0x11F02)
-CONTROL_EXTRA = _codepoints(0x2065, (0xFFF0, 0xFFF8), (0x13439, 0x1343F), 0xE0000, (0xE0002, 0xE001F), (0xE0080, 0xE00FF), (0xE01F0, 0xE0FFF))
-EXTENDED_PICTOGRAPHIC = _codepoints(0x00A9, 0x00AE, 0x203C, 0x2049, 0x2122, 0x2139, (0x2194, 0x2199), (0x21A9, 0x21AA), (0x231A, 0x231B), 0x2328,
-    0x23CF, (0x23E9, 0x23F3), (0x23F8, 0x23FA), 0x24C2, (0x25AA, 0x25AB), 0x25B6, 0x25C0, (0x25FB, 0x25FE), (0x2600, 0x2604), 0x260E, 0x2611,
-    (0x2614, 0x2615), 0x2618, 0x261D, 0x2620, (0x2622, 0x2623), 0x2626, 0x262A, (0x262E, 0x262F), (0x2638, 0x263A), 0x2640, 0x2642, (0x2648, 0x2653),
-    (0x265F, 0x2660), 0x2663, (0x2665, 0x2666), 0x2668, 0x267B, (0x267E, 0x267F), (0x2692, 0x2697), 0x2699, (0x269B, 0x269C), (0x26A0, 0x26A1),
-    0x26A7, (0x26AA, 0x26AB), (0x26B0, 0x26B1), (0x26BD, 0x26BE), (0x26C4, 0x26C5), 0x26C8, (0x26CE, 0x26CF), 0x26D1, (0x26D3, 0x26D4),
-    (0x26E9, 0x26EA), (0x26F0, 0x26F5), (0x26F7, 0x26FA), 0x26FD, 0x2702, 0x2705, (0x2708, 0x270D), 0x270F, 0x2712, 0x2714, 0x2716, 0x271D,
-    0x2721, 0x2728, (0x2733, 0x2734), 0x2744, 0x2747, 0x274C, 0x274E, (0x2753, 0x2755), 0x2757, (0x2763, 0x2764), (0x2795, 0x2797), 0x27A1,
-    0x27B0, 0x27BF, (0x2934, 0x2935), (0x2B05, 0x2B07), (0x2B1B, 0x2B1C), 0x2B50, 0x2B55, 0x3030, 0x303D, 0x3297, 0x3299, 0x1F004,
-    (0x1F02C, 0x1F02F), (0x1F094, 0x1F09F), (0x1F0AF, 0x1F0B0), 0x1F0C0, (0x1F0CF, 0x1F0D0), (0x1F0F6, 0x1F0FF), (0x1F170, 0x1F171),
-    (0x1F17E, 0x1F17F), 0x1F18E, (0x1F191, 0x1F19A), (0x1F1AE, 0x1F1E5), (0x1F201, 0x1F20F), 0x1F21A, 0x1F22F, (0x1F232, 0x1F23A),
-    (0x1F23C, 0x1F23F), (0x1F249, 0x1F25F), (0x1F266, 0x1F321), (0x1F324, 0x1F393), (0x1F396, 0x1F397), (0x1F399, 0x1F39B), (0x1F39E, 0x1F3F0),
-    (0x1F3F3, 0x1F3F5), (0x1F3F7, 0x1F3FA), (0x1F400, 0x1F4FD), (0x1F4FF, 0x1F53D), (0x1F549, 0x1F54E), (0x1F550, 0x1F567), (0x1F56F, 0x1F570),
-    (0x1F573, 0x1F57A), 0x1F587, (0x1F58A, 0x1F58D), 0x1F590, (0x1F595, 0x1F596), (0x1F5A4, 0x1F5A5), 0x1F5A8, (0x1F5B1, 0x1F5B2), 0x1F5BC,
-    (0x1F5C2, 0x1F5C4), (0x1F5D1, 0x1F5D3), (0x1F5DC, 0x1F5DE), 0x1F5E1, 0x1F5E3, 0x1F5E8, 0x1F5EF, 0x1F5F3, (0x1F5FA, 0x1F64F), (0x1F680, 0x1F6C5),
-    (0x1F6CB, 0x1F6D2), (0x1F6D5, 0x1F6E5), 0x1F6E9, (0x1F6EB, 0x1F6F0), (0x1F6F3, 0x1F6FF), (0x1F7DA, 0x1F7FF), (0x1F80C, 0x1F80F),
-    (0x1F848, 0x1F84F), (0x1F85A, 0x1F85F), (0x1F888, 0x1F88F), (0x1F8AE, 0x1F8AF), (0x1F8BC, 0x1F8BF), (0x1F8C2, 0x1F8CF), (0x1F8D9, 0x1F8FF),
-    (0x1F90C, 0x1F93A), (0x1F93C, 0x1F945), (0x1F947, 0x1F9FF), (0x1FA58, 0x1FA5F), (0x1FA6E, 0x1FAFF), (0x1FC00, 0x1FFFD))
-INDIC_LINKER = _codepoints(0x094D, 0x09CD, 0x0ACD, 0x0B4D, 0x0C4D, 0x0D4D, 0x1039, 0x17D2, 0x1A60, 0x1B44, 0x1BAB, 0xA9C0, 0xAAF6, 0x10A3F,
-    0x11133, 0x113D0, 0x1193E, 0x11A47, 0x11A99, 0x11F42)                     # Indic_Conjunct_Break=Linker: the viramas of GB9c
-INDIC_CONSONANT = _codepoints((0x0915, 0x0939), (0x0958, 0x095F), (0x0978, 0x097F), (0x0995, 0x09A8), (0x09AA, 0x09B0), 0x09B2, (0x09B6, 0x09B9),
-    (0x09DC, 0x09DD), 0x09DF, (0x09F0, 0x09F1), (0x0A95, 0x0AA8), (0x0AAA, 0x0AB0), (0x0AB2, 0x0AB3), (0x0AB5, 0x0AB9), 0x0AF9, (0x0B15, 0x0B28),
-    (0x0B2A, 0x0B30), (0x0B32, 0x0B33), (0x0B35, 0x0B39), (0x0B5C, 0x0B5D), 0x0B5F, 0x0B71, (0x0C15, 0x0C28), (0x0C2A, 0x0C39), (0x0C58, 0x0C5A),
-    (0x0D15, 0x0D3A), (0x1000, 0x102A), 0x103F, (0x1050, 0x1055), (0x105A, 0x105D), 0x1061, (0x1065, 0x1066), (0x106E, 0x1070), (0x1075, 0x1081),
-    0x108E, (0x1780, 0x17B3), (0x1A20, 0x1A54), (0x1B0B, 0x1B0C), (0x1B13, 0x1B33), (0x1B45, 0x1B4C), (0x1B83, 0x1BA0), (0x1BAE, 0x1BAF),
-    (0x1BBB, 0x1BBD), (0xA989, 0xA98B), (0xA98F, 0xA9B2), (0xA9E0, 0xA9E4), (0xA9E7, 0xA9EF), (0xA9FA, 0xA9FE), (0xAA60, 0xAA6F), (0xAA71, 0xAA73),
-    0xAA7A, (0xAA7E, 0xAA7F), (0xAAE0, 0xAAEA), (0xABC0, 0xABDA), 0x10A00, (0x10A10, 0x10A13), (0x10A15, 0x10A17), (0x10A19, 0x10A35),
-    (0x11103, 0x11126), 0x11144, 0x11147, (0x11380, 0x11389), 0x1138B, 0x1138E, (0x11390, 0x113B5), (0x11900, 0x11906), 0x11909, (0x1190C, 0x11913),
-    (0x11915, 0x11916), (0x11918, 0x1192F), 0x11A00, (0x11A0B, 0x11A32), 0x11A50, (0x11A5C, 0x11A83), (0x11F04, 0x11F10), (0x11F12, 0x11F33))
+EXTEND_EXTRA = _codepoints(
+    0x0897,
+    0x09BE,
+    0x09D7,
+    0x0B3E,
+    0x0B57,
+    0x0BBE,
+    0x0BD7,
+    0x0CC0,
+    0x0CC2,
+    (0x0CC7, 0x0CC8),
+    (0x0CCA, 0x0CCB),
+    (0x0CD5, 0x0CD6),
+    0x0D3E,
+    0x0D57,
+    0x0DCF,
+    0x0DDF,
+    0x0ECE,
+    0x1715,
+    0x1734,
+    (0x1ACF, 0x1ADD),
+    (0x1AE0, 0x1AEB),
+    0x1B35,
+    0x1B3B,
+    0x1B3D,
+    (0x1B43, 0x1B44),
+    0x1BAA,
+    (0x1BF2, 0x1BF3),
+    0x200C,
+    (0x302E, 0x302F),
+    0xA953,
+    0xA9C0,
+    (0xFF9E, 0xFF9F),
+    (0x10D69, 0x10D6D),
+    (0x10EFA, 0x10EFF),
+    0x111C0,
+    0x11235,
+    0x11241,
+    0x1133E,
+    0x1134D,
+    0x11357,
+    0x113B8,
+    (0x113BB, 0x113C0),
+    0x113C2,
+    0x113C5,
+    (0x113C7, 0x113C9),
+    (0x113CE, 0x113D0),
+    0x113D2,
+    (0x113E1, 0x113E2),
+    0x114B0,
+    0x114BD,
+    0x115AF,
+    0x116B6,
+    0x11930,
+    0x1193D,
+    0x11B60,
+    (0x11B62, 0x11B64),
+    0x11B66,
+    (0x11F00, 0x11F01),
+    (0x11F36, 0x11F3A),
+    (0x11F40, 0x11F42),
+    0x11F5A,
+    0x13440,
+    (0x13447, 0x13455),
+    (0x1611E, 0x16129),
+    (0x1612D, 0x1612F),
+    (0x16FF0, 0x16FF1),
+    (0x1D165, 0x1D166),
+    (0x1D16D, 0x1D172),
+    0x1E08F,
+    (0x1E4EC, 0x1E4EF),
+    (0x1E5EE, 0x1E5EF),
+    0x1E6E3,
+    0x1E6E6,
+    (0x1E6EE, 0x1E6EF),
+    0x1E6F5,
+    (0x1F3FB, 0x1F3FF),
+    (0xE0020, 0xE007F),
+)
+SPACING_EXTRA = _codepoints(
+    0x0CF3,
+    0x0E33,
+    0x0EB3,
+    (0x113B9, 0x113BA),
+    0x113CA,
+    (0x113CC, 0x113CD),
+    0x1171E,
+    0x11B61,
+    0x11B65,
+    0x11B67,
+    0x11F03,
+    (0x11F34, 0x11F35),
+    (0x11F3E, 0x11F3F),
+    (0x1612A, 0x1612C),
+)
+NOT_SPACING_MARK = _codepoints(
+    0x102B,
+    0x102C,
+    0x1038,
+    (0x1062, 0x1064),
+    (0x1067, 0x106D),
+    0x1083,
+    (0x1087, 0x108C),
+    0x108F,
+    (0x109A, 0x109C),
+    0x1A61,
+    0x1A63,
+    0x1A64,
+    0xAA7B,
+    0xAA7D,
+    0x11720,
+    0x11721,
+)  # Mc characters that are not SpacingMark
+PREPEND = _codepoints(
+    (0x0600, 0x0605),
+    0x06DD,
+    0x070F,
+    (0x0890, 0x0891),
+    0x08E2,
+    0x0D4E,
+    0x110BD,
+    0x110CD,
+    (0x111C2, 0x111C3),
+    0x113D1,
+    0x1193F,
+    0x11941,
+    (0x11A84, 0x11A89),
+    0x11D46,
+    0x11F02,
+)
+CONTROL_EXTRA = _codepoints(
+    0x2065, (0xFFF0, 0xFFF8), (0x13439, 0x1343F), 0xE0000, (0xE0002, 0xE001F), (0xE0080, 0xE00FF), (0xE01F0, 0xE0FFF)
+)
+EXTENDED_PICTOGRAPHIC = _codepoints(
+    0x00A9,
+    0x00AE,
+    0x203C,
+    0x2049,
+    0x2122,
+    0x2139,
+    (0x2194, 0x2199),
+    (0x21A9, 0x21AA),
+    (0x231A, 0x231B),
+    0x2328,
+    0x23CF,
+    (0x23E9, 0x23F3),
+    (0x23F8, 0x23FA),
+    0x24C2,
+    (0x25AA, 0x25AB),
+    0x25B6,
+    0x25C0,
+    (0x25FB, 0x25FE),
+    (0x2600, 0x2604),
+    0x260E,
+    0x2611,
+    (0x2614, 0x2615),
+    0x2618,
+    0x261D,
+    0x2620,
+    (0x2622, 0x2623),
+    0x2626,
+    0x262A,
+    (0x262E, 0x262F),
+    (0x2638, 0x263A),
+    0x2640,
+    0x2642,
+    (0x2648, 0x2653),
+    (0x265F, 0x2660),
+    0x2663,
+    (0x2665, 0x2666),
+    0x2668,
+    0x267B,
+    (0x267E, 0x267F),
+    (0x2692, 0x2697),
+    0x2699,
+    (0x269B, 0x269C),
+    (0x26A0, 0x26A1),
+    0x26A7,
+    (0x26AA, 0x26AB),
+    (0x26B0, 0x26B1),
+    (0x26BD, 0x26BE),
+    (0x26C4, 0x26C5),
+    0x26C8,
+    (0x26CE, 0x26CF),
+    0x26D1,
+    (0x26D3, 0x26D4),
+    (0x26E9, 0x26EA),
+    (0x26F0, 0x26F5),
+    (0x26F7, 0x26FA),
+    0x26FD,
+    0x2702,
+    0x2705,
+    (0x2708, 0x270D),
+    0x270F,
+    0x2712,
+    0x2714,
+    0x2716,
+    0x271D,
+    0x2721,
+    0x2728,
+    (0x2733, 0x2734),
+    0x2744,
+    0x2747,
+    0x274C,
+    0x274E,
+    (0x2753, 0x2755),
+    0x2757,
+    (0x2763, 0x2764),
+    (0x2795, 0x2797),
+    0x27A1,
+    0x27B0,
+    0x27BF,
+    (0x2934, 0x2935),
+    (0x2B05, 0x2B07),
+    (0x2B1B, 0x2B1C),
+    0x2B50,
+    0x2B55,
+    0x3030,
+    0x303D,
+    0x3297,
+    0x3299,
+    0x1F004,
+    (0x1F02C, 0x1F02F),
+    (0x1F094, 0x1F09F),
+    (0x1F0AF, 0x1F0B0),
+    0x1F0C0,
+    (0x1F0CF, 0x1F0D0),
+    (0x1F0F6, 0x1F0FF),
+    (0x1F170, 0x1F171),
+    (0x1F17E, 0x1F17F),
+    0x1F18E,
+    (0x1F191, 0x1F19A),
+    (0x1F1AE, 0x1F1E5),
+    (0x1F201, 0x1F20F),
+    0x1F21A,
+    0x1F22F,
+    (0x1F232, 0x1F23A),
+    (0x1F23C, 0x1F23F),
+    (0x1F249, 0x1F25F),
+    (0x1F266, 0x1F321),
+    (0x1F324, 0x1F393),
+    (0x1F396, 0x1F397),
+    (0x1F399, 0x1F39B),
+    (0x1F39E, 0x1F3F0),
+    (0x1F3F3, 0x1F3F5),
+    (0x1F3F7, 0x1F3FA),
+    (0x1F400, 0x1F4FD),
+    (0x1F4FF, 0x1F53D),
+    (0x1F549, 0x1F54E),
+    (0x1F550, 0x1F567),
+    (0x1F56F, 0x1F570),
+    (0x1F573, 0x1F57A),
+    0x1F587,
+    (0x1F58A, 0x1F58D),
+    0x1F590,
+    (0x1F595, 0x1F596),
+    (0x1F5A4, 0x1F5A5),
+    0x1F5A8,
+    (0x1F5B1, 0x1F5B2),
+    0x1F5BC,
+    (0x1F5C2, 0x1F5C4),
+    (0x1F5D1, 0x1F5D3),
+    (0x1F5DC, 0x1F5DE),
+    0x1F5E1,
+    0x1F5E3,
+    0x1F5E8,
+    0x1F5EF,
+    0x1F5F3,
+    (0x1F5FA, 0x1F64F),
+    (0x1F680, 0x1F6C5),
+    (0x1F6CB, 0x1F6D2),
+    (0x1F6D5, 0x1F6E5),
+    0x1F6E9,
+    (0x1F6EB, 0x1F6F0),
+    (0x1F6F3, 0x1F6FF),
+    (0x1F7DA, 0x1F7FF),
+    (0x1F80C, 0x1F80F),
+    (0x1F848, 0x1F84F),
+    (0x1F85A, 0x1F85F),
+    (0x1F888, 0x1F88F),
+    (0x1F8AE, 0x1F8AF),
+    (0x1F8BC, 0x1F8BF),
+    (0x1F8C2, 0x1F8CF),
+    (0x1F8D9, 0x1F8FF),
+    (0x1F90C, 0x1F93A),
+    (0x1F93C, 0x1F945),
+    (0x1F947, 0x1F9FF),
+    (0x1FA58, 0x1FA5F),
+    (0x1FA6E, 0x1FAFF),
+    (0x1FC00, 0x1FFFD),
+)
+INDIC_LINKER = _codepoints(
+    0x094D,
+    0x09CD,
+    0x0ACD,
+    0x0B4D,
+    0x0C4D,
+    0x0D4D,
+    0x1039,
+    0x17D2,
+    0x1A60,
+    0x1B44,
+    0x1BAB,
+    0xA9C0,
+    0xAAF6,
+    0x10A3F,
+    0x11133,
+    0x113D0,
+    0x1193E,
+    0x11A47,
+    0x11A99,
+    0x11F42,
+)  # Indic_Conjunct_Break=Linker: the viramas of GB9c
+INDIC_CONSONANT = _codepoints(
+    (0x0915, 0x0939),
+    (0x0958, 0x095F),
+    (0x0978, 0x097F),
+    (0x0995, 0x09A8),
+    (0x09AA, 0x09B0),
+    0x09B2,
+    (0x09B6, 0x09B9),
+    (0x09DC, 0x09DD),
+    0x09DF,
+    (0x09F0, 0x09F1),
+    (0x0A95, 0x0AA8),
+    (0x0AAA, 0x0AB0),
+    (0x0AB2, 0x0AB3),
+    (0x0AB5, 0x0AB9),
+    0x0AF9,
+    (0x0B15, 0x0B28),
+    (0x0B2A, 0x0B30),
+    (0x0B32, 0x0B33),
+    (0x0B35, 0x0B39),
+    (0x0B5C, 0x0B5D),
+    0x0B5F,
+    0x0B71,
+    (0x0C15, 0x0C28),
+    (0x0C2A, 0x0C39),
+    (0x0C58, 0x0C5A),
+    (0x0D15, 0x0D3A),
+    (0x1000, 0x102A),
+    0x103F,
+    (0x1050, 0x1055),
+    (0x105A, 0x105D),
+    0x1061,
+    (0x1065, 0x1066),
+    (0x106E, 0x1070),
+    (0x1075, 0x1081),
+    0x108E,
+    (0x1780, 0x17B3),
+    (0x1A20, 0x1A54),
+    (0x1B0B, 0x1B0C),
+    (0x1B13, 0x1B33),
+    (0x1B45, 0x1B4C),
+    (0x1B83, 0x1BA0),
+    (0x1BAE, 0x1BAF),
+    (0x1BBB, 0x1BBD),
+    (0xA989, 0xA98B),
+    (0xA98F, 0xA9B2),
+    (0xA9E0, 0xA9E4),
+    (0xA9E7, 0xA9EF),
+    (0xA9FA, 0xA9FE),
+    (0xAA60, 0xAA6F),
+    (0xAA71, 0xAA73),
+    0xAA7A,
+    (0xAA7E, 0xAA7F),
+    (0xAAE0, 0xAAEA),
+    (0xABC0, 0xABDA),
+    0x10A00,
+    (0x10A10, 0x10A13),
+    (0x10A15, 0x10A17),
+    (0x10A19, 0x10A35),
+    (0x11103, 0x11126),
+    0x11144,
+    0x11147,
+    (0x11380, 0x11389),
+    0x1138B,
+    0x1138E,
+    (0x11390, 0x113B5),
+    (0x11900, 0x11906),
+    0x11909,
+    (0x1190C, 0x11913),
+    (0x11915, 0x11916),
+    (0x11918, 0x1192F),
+    0x11A00,
+    (0x11A0B, 0x11A32),
+    0x11A50,
+    (0x11A5C, 0x11A83),
+    (0x11F04, 0x11F10),
+    (0x11F12, 0x11F33),
+)
 
 # %% ../nbs/04_unigram.ipynb #bea67c90
 CR, LF, CTRL, EXTEND, ZWJ, SPACING, PREP, RI, HL, HV, HT, HLV, HLVT, PICT, OTHER = range(15)
 
+
 def grapheme_break(c: str) -> int:
     "The Grapheme_Cluster_Break class of character `c` (UAX #29, Unicode 17)."
     cp = ord(c)
-    if cp < 0x7F: return CR if cp == 13 else LF if cp == 10 else CTRL if cp < 32 else OTHER
-    if cp == 0x200D: return ZWJ
-    if cp in EXTEND_EXTRA: return EXTEND
-    if cp in SPACING_EXTRA: return SPACING
-    if 0x1100 <= cp <= 0x115F or 0xA960 <= cp <= 0xA97C: return HL
-    if 0x1160 <= cp <= 0x11A7 or 0xD7B0 <= cp <= 0xD7C6 or cp == 0x16D63 or 0x16D67 <= cp <= 0x16D6A: return HV
-    if 0x11A8 <= cp <= 0x11FF or 0xD7CB <= cp <= 0xD7FB: return HT
-    if 0xAC00 <= cp <= 0xD7A3: return HLV if (cp - 0xAC00) % 28 == 0 else HLVT
-    if 0x1F1E6 <= cp <= 0x1F1FF: return RI
-    if cp in PREPEND: return PREP
-    if cp in EXTENDED_PICTOGRAPHIC: return PICT
-    if cp in CONTROL_EXTRA: return CTRL
+    if cp < 0x7F:
+        return CR if cp == 13 else LF if cp == 10 else CTRL if cp < 32 else OTHER
+    if cp == 0x200D:
+        return ZWJ
+    if cp in EXTEND_EXTRA:
+        return EXTEND
+    if cp in SPACING_EXTRA:
+        return SPACING
+    if 0x1100 <= cp <= 0x115F or 0xA960 <= cp <= 0xA97C:
+        return HL
+    if 0x1160 <= cp <= 0x11A7 or 0xD7B0 <= cp <= 0xD7C6 or cp == 0x16D63 or 0x16D67 <= cp <= 0x16D6A:
+        return HV
+    if 0x11A8 <= cp <= 0x11FF or 0xD7CB <= cp <= 0xD7FB:
+        return HT
+    if 0xAC00 <= cp <= 0xD7A3:
+        return HLV if (cp - 0xAC00) % 28 == 0 else HLVT
+    if 0x1F1E6 <= cp <= 0x1F1FF:
+        return RI
+    if cp in PREPEND:
+        return PREP
+    if cp in EXTENDED_PICTOGRAPHIC:
+        return PICT
+    if cp in CONTROL_EXTRA:
+        return CTRL
     cat = unicodedata.category(c)
-    if cat in ("Mn", "Me"): return EXTEND
-    if cat == "Mc": return OTHER if cp in NOT_SPACING_MARK else SPACING
-    if cat in ("Cc", "Cf", "Zl", "Zp", "Cs"): return CTRL                            # the Cf that are Prepend returned above
+    if cat in ("Mn", "Me"):
+        return EXTEND
+    if cat == "Mc":
+        return OTHER if cp in NOT_SPACING_MARK else SPACING
+    if cat in ("Cc", "Cf", "Zl", "Zp", "Cs"):
+        return CTRL  # the Cf that are Prepend returned above
     return OTHER
 
 # %% ../nbs/04_unigram.ipynb #7abb60a1
 def _is_boundary(prev: int, cur: int, cp: int, pict: int, conjunct: int, ri_odd: bool) -> bool:
-    "Whether a grapheme boundary falls before a character of class `cur` (code point `cp`), given the state of the text before it."
-    if prev == CR and cur == LF: return False                                     # GB3
-    if prev in (CTRL, CR, LF) or cur in (CTRL, CR, LF): return True               # GB4, GB5
-    if prev == HL and cur in (HL, HV, HLV, HLVT): return False                     # GB6
-    if prev in (HLV, HV) and cur in (HV, HT): return False                        # GB7
-    if prev in (HLVT, HT) and cur == HT: return False                             # GB8
-    if cur in (EXTEND, ZWJ, SPACING): return False                                # GB9, GB9a
-    if prev == PREP: return False                                                 # GB9b
-    if conjunct == 2 and cp in INDIC_CONSONANT: return False                      # GB9c
-    if pict == 2 and cur == PICT: return False                                    # GB11
-    if prev == RI and cur == RI: return not ri_odd                                # GB12, GB13
-    return True                                                                   # GB999
+    """Whether a grapheme boundary falls before a character of class `cur` (code point `cp`), given the state of the
+    text before it."""
+    if prev == CR and cur == LF:
+        return False  # GB3
+    if prev in (CTRL, CR, LF) or cur in (CTRL, CR, LF):
+        return True  # GB4, GB5
+    if prev == HL and cur in (HL, HV, HLV, HLVT):
+        return False  # GB6
+    if prev in (HLV, HV) and cur in (HV, HT):
+        return False  # GB7
+    if prev in (HLVT, HT) and cur == HT:
+        return False  # GB8
+    if cur in (EXTEND, ZWJ, SPACING):
+        return False  # GB9, GB9a
+    if prev == PREP:
+        return False  # GB9b
+    if conjunct == 2 and cp in INDIC_CONSONANT:
+        return False  # GB9c
+    if pict == 2 and cur == PICT:
+        return False  # GB11
+    if prev == RI and cur == RI:
+        return not ri_odd  # GB12, GB13
+    return True  # GB999
+
 
 def graphemes(text: str) -> list:
     "Split `text` into extended grapheme clusters (UAX #29)."
     out, start, prev = [], 0, None
-    pict = conjunct = 0      # GB11: 1 after ExtPict Extend*, 2 after that and a ZWJ; GB9c: 1 after a consonant, 2 once a virama follows
-    ri_odd = False           # GB12-13: an odd number of regional indicators just before
+    pict = conjunct = (
+        0  # GB11: 1 after ExtPict Extend*, 2 after that and a ZWJ; GB9c: 1 after a consonant, 2 once a virama follows
+    )
+    ri_odd = False  # GB12-13: an odd number of regional indicators just before
     for i, c in enumerate(text):
         cur, cp = grapheme_break(c), ord(c)
-        if i and _is_boundary(prev, cur, cp, pict, conjunct, ri_odd): out.append(text[start:i]); start = i
+        if i and _is_boundary(prev, cur, cp, pict, conjunct, ri_odd):
+            out.append(text[start:i])
+            start = i
         pict = 1 if cur == PICT or (pict == 1 and cur == EXTEND) else 2 if pict == 1 and cur == ZWJ else 0
-        conjunct = 1 if cp in INDIC_CONSONANT else 2 if conjunct and cp in INDIC_LINKER else conjunct if conjunct and cur in (EXTEND, ZWJ) and cp != 0x200C else 0
+        conjunct = (
+            1
+            if cp in INDIC_CONSONANT
+            else 2
+            if conjunct and cp in INDIC_LINKER
+            else conjunct
+            if conjunct and cur in (EXTEND, ZWJ) and cp != 0x200C
+            else 0
+        )
         ri_odd = cur == RI and not (prev == RI and ri_odd)
         prev = cur
-    if text: out.append(text[start:])
+    if text:
+        out.append(text[start:])
     return out
 
 # %% ../nbs/04_unigram.ipynb #4948a75c
 class PrecompiledNormalizer:
     "The `Precompiled` normaliser of Hugging Face tokenizers: SentencePiece's rules applied grapheme by grapheme."
+
     def __init__(self, rules: dict):
         self.rules, self.last = rules, frozenset(k[-1] for k in rules)
 
     def __call__(self, text: str) -> str:
         "Normalise `text` as tokenizers' `Precompiled` does (no whitespace handling: that is the pre-tokenizer's job)."
-        if self.last.isdisjoint(text): return text
+        if self.last.isdisjoint(text):
+            return text
         out, rules = [], self.rules
         for g in graphemes(text):
-            if len(g) == 1: out.append(rules.get(g, g)); continue
+            if len(g) == 1:
+                out.append(rules.get(g, g))
+                continue
             if len(g.encode()) < 6:
                 new = next((rules[g[:k]] for k in range(1, len(g) + 1) if g[:k] in rules), None)
-                if new is not None: out.append(new); continue
+                if new is not None:
+                    out.append(new)
+                    continue
             out += [rules.get(c, c) for c in g]
         return "".join(out)
 
 # %% ../nbs/04_unigram.ipynb #9c51c0ea
 def collapse_spaces(text: str, content: str) -> str:
     "Replace every run of two or more spaces in `text` by `content` (the regex ' {2,}')."
-    if "  " not in text: return text
+    if "  " not in text:
+        return text
     out, i, n = [], 0, len(text)
     while (j := text.find("  ", i)) >= 0:
         k = j
-        while k < n and text[k] == " ": k += 1
+        while k < n and text[k] == " ":
+            k += 1
         out += [text[i:j], content]
         i = k
     return "".join(out) + text[i:]
 
+
 def whitespace_split(text: str) -> list:
     "Split on Unicode White_Space characters, dropping empty strings (Rust's `char::is_whitespace`)."
-    if not ({"\x1c", "\x1d", "\x1e", "\x1f"} & set(text)): return text.split()   # where Python's idea of whitespace is wider
+    if not ({"\x1c", "\x1d", "\x1e", "\x1f"} & set(text)):
+        return text.split()  # where Python's idea of whitespace is wider
     return "".join(" " if c in WHITE_SPACE else c for c in text).split(" ")
 
 # %% ../nbs/04_unigram.ipynb #87347f92
@@ -578,20 +1125,32 @@ def _normalizer_from_json(spec: dict, name: str):
         steps = [_normalizer_from_json(s, name) for s in spec["normalizers"]]
         return lambda text: functools.reduce(lambda t, step: step(t), steps, text)
     if kind == "Precompiled":
-        try: return PrecompiledNormalizer(decode_charsmap(base64.b64decode(spec["precompiled_charsmap"])))
-        except ValueError as e: raise ValueError(f"{name}: {e}") from None
+        try:
+            return PrecompiledNormalizer(decode_charsmap(base64.b64decode(spec["precompiled_charsmap"])))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     if kind == "Replace":
         pattern, content = spec["pattern"], spec["content"]
-        if "String" in pattern: return lambda text: text.replace(pattern["String"], content)
-        if pattern.get("Regex") == " {2,}": return lambda text: collapse_spaces(text, content)
-        raise NotImplementedError(f"{name}: Replace with pattern {pattern} is not supported (only strings and ' {{2,}}')")
+        if "String" in pattern:
+            return lambda text: text.replace(pattern["String"], content)
+        if pattern.get("Regex") == " {2,}":
+            return lambda text: collapse_spaces(text, content)
+        raise NotImplementedError(
+            f"{name}: Replace with pattern {pattern} is not supported (only strings and ' {{2,}}')"
+        )
     if kind == "Strip":
         left, right = spec.get("strip_left", True), spec.get("strip_right", True)
+
         def strip(text):
-            if left: text = text.lstrip(WHITE_SPACE)
+            if left:
+                text = text.lstrip(WHITE_SPACE)
             return text.rstrip(WHITE_SPACE) if right else text
+
         return strip
-    raise NotImplementedError(f"{name}: the normalizer {kind!r} is not supported (T5 files use Precompiled, Replace and Strip)")
+    raise NotImplementedError(
+        f"{name}: the normalizer {kind!r} is not supported (T5 files use Precompiled, Replace and Strip)"
+    )
+
 
 def _pretokenizer_from_json(spec: dict, name: str):
     "A function list[str] -> list[str] (words) for a tokenizer.json pre-tokenizer."
@@ -599,49 +1158,81 @@ def _pretokenizer_from_json(spec: dict, name: str):
     if kind == "Sequence":
         steps = [_pretokenizer_from_json(s, name) for s in spec["pretokenizers"]]
         return lambda words: functools.reduce(lambda ws, step: step(ws), steps, words)
-    if kind == "WhitespaceSplit": return lambda words: [w for word in words for w in whitespace_split(word) if w]
+    if kind == "WhitespaceSplit":
+        return lambda words: [w for word in words for w in whitespace_split(word) if w]
     if kind == "Metaspace":
         rep, split = spec.get("replacement", SPACE), spec.get("split", True)
         scheme = "never" if spec.get("add_prefix_space") is False else spec.get("prepend_scheme", "always")
-        if scheme not in ("always", "never"): raise NotImplementedError(f"{name}: Metaspace prepend_scheme {scheme!r} is not supported (T5 files use 'always')")
+        if scheme not in ("always", "never"):
+            raise NotImplementedError(
+                f"{name}: Metaspace prepend_scheme {scheme!r} is not supported (T5 files use 'always')"
+            )
+
         def metaspace(words):
             out = []
             for w in words:
                 w = w.replace(" ", rep)
-                if scheme == "always" and not w.startswith(rep): w = rep + w
+                if scheme == "always" and not w.startswith(rep):
+                    w = rep + w
                 out += split_words(w, rep) if split else [w]
             return out
+
         return metaspace
-    raise NotImplementedError(f"{name}: the pre-tokenizer {kind!r} is not supported (T5 files use WhitespaceSplit and Metaspace)")
+    raise NotImplementedError(
+        f"{name}: the pre-tokenizer {kind!r} is not supported (T5 files use WhitespaceSplit and Metaspace)"
+    )
 
 # %% ../nbs/04_unigram.ipynb #d1fe187b
 class TokenizerJsonUnigram:
-    "A T5 `tokenizer.json` as Hugging Face tokenizers runs it: added tokens, normalizer, pre-tokenizer, per-word float64 Viterbi, Metaspace decoding."
+    """A T5 `tokenizer.json` as Hugging Face tokenizers runs it: added tokens, normalizer, pre-tokenizer, per-word
+    float64 Viterbi, Metaspace decoding."""
+
     def __init__(self, spec: dict, name: str = "tokenizer.json"):
         model = spec.get("model") or {}
-        if model.get("type") != "Unigram": raise ValueError(f"{name}: the model is {model.get('type')!r}, expected 'Unigram'")
-        if model.get("byte_fallback"): raise NotImplementedError(f"{name}: byte_fallback is not supported (T5 does not use it)")
-        if model.get("unk_id") is None or not model.get("vocab"): raise ValueError(f"{name}: the Unigram model needs a 'vocab' and an 'unk_id'")
+        if model.get("type") != "Unigram":
+            raise ValueError(f"{name}: the model is {model.get('type')!r}, expected 'Unigram'")
+        if model.get("byte_fallback"):
+            raise NotImplementedError(f"{name}: byte_fallback is not supported (T5 does not use it)")
+        if model.get("unk_id") is None or not model.get("vocab"):
+            raise ValueError(f"{name}: the Unigram model needs a 'vocab' and an 'unk_id'")
         self.pieces, self.scores = [p for p, _ in model["vocab"]], [float(s) for _, s in model["vocab"]]
         self.unk_id, self.unk_score = model["unk_id"], min(self.scores) - 10.0
         self.trie = build_trie({p: i for i, p in enumerate(self.pieces)})
         self.id_to_token, self.added, self.special = dict(enumerate(self.pieces)), {}, set()
         for tok in spec.get("added_tokens") or []:
             if tok.get("normalized") or tok.get("lstrip") or tok.get("rstrip") or tok.get("single_word"):
-                raise NotImplementedError(f"{name}: the added token {tok['content']!r} uses normalized/lstrip/rstrip/single_word, which T5 files do not")
+                raise NotImplementedError(
+                    f"{name}: the added token {tok['content']!r} uses normalized/lstrip/rstrip/single_word, which T5 files do not"
+                )
             self.added[tok["content"]], self.id_to_token[tok["id"]] = tok["id"], tok["content"]
-            if tok.get("special"): self.special.add(tok["id"])
-        self.added_pattern = added_token_pattern(list(self.added))                      # leftmost, longest first
-        self.normalize = _normalizer_from_json(spec["normalizer"], name) if spec.get("normalizer") else (lambda text: text)
-        self.pretokenize = _pretokenizer_from_json(spec["pre_tokenizer"], name) if spec.get("pre_tokenizer") else (lambda words: words)
+            if tok.get("special"):
+                self.special.add(tok["id"])
+        self.added_pattern = added_token_pattern(list(self.added))  # leftmost, longest first
+        self.normalize = (
+            _normalizer_from_json(spec["normalizer"], name) if spec.get("normalizer") else (lambda text: text)
+        )
+        self.pretokenize = (
+            _pretokenizer_from_json(spec["pre_tokenizer"], name) if spec.get("pre_tokenizer") else (lambda words: words)
+        )
         decoder = spec.get("decoder") or {}
-        if decoder.get("type") != "Metaspace": raise NotImplementedError(f"{name}: the decoder {decoder.get('type')!r} is not supported (T5 files use Metaspace)")
+        if decoder.get("type") != "Metaspace":
+            raise NotImplementedError(
+                f"{name}: the decoder {decoder.get('type')!r} is not supported (T5 files use Metaspace)"
+            )
         self.decode_rep = decoder.get("replacement", SPACE)
-        self.decode_strip = decoder.get("prepend_scheme", "always") != "never" and decoder.get("add_prefix_space") is not False
+        self.decode_strip = (
+            decoder.get("prepend_scheme", "always") != "never" and decoder.get("add_prefix_space") is not False
+        )
         token_ids = {t: i for i, t in self.id_to_token.items()}
         for what, token in [("pad", "<pad>"), ("eos", "</s>")]:
-            if token not in token_ids: raise ValueError(f"{name}: no {token} token, which T5 needs as its {what} token")
-        self.pad_id, self.eos_id, self.vocab_size, self.cache = token_ids["<pad>"], token_ids["</s>"], max(self.id_to_token) + 1, {}
+            if token not in token_ids:
+                raise ValueError(f"{name}: no {token} token, which T5 needs as its {what} token")
+        self.pad_id, self.eos_id, self.vocab_size, self.cache = (
+            token_ids["<pad>"],
+            token_ids["</s>"],
+            max(self.id_to_token) + 1,
+            {},
+        )
 
     def _segment(self, word: str) -> list:
         "Ids of one pre-tokenized word: the float64 Viterbi, runs of `<unk>` merged."
@@ -651,40 +1242,67 @@ class TokenizerJsonUnigram:
         "Ids of `text`, exactly as tokenizers encodes it without special tokens added."
         ids = []
         for part, added_id in split_on(text, self.added_pattern, self.added):
-            if added_id is not None: ids.append(added_id); continue
-            for w in self.pretokenize([normalized] if (normalized := self.normalize(part)) else []): ids += cached(self.cache, w, self._segment)
+            if added_id is not None:
+                ids.append(added_id)
+                continue
+            for w in self.pretokenize([normalized] if (normalized := self.normalize(part)) else []):
+                ids += cached(self.cache, w, self._segment)
         return ids
 
     def decode(self, ids: list) -> str:
-        "Text from ids as tokenizers decodes with skip_special_tokens=True: special tokens dropped, `▁` to spaces, the first token's removed."
+        """Text from ids as tokenizers decodes with skip_special_tokens=True: special tokens dropped, `▁` to spaces, the
+        first token's removed."""
         tokens = [self.id_to_token[i] for i in ids if i not in self.special]
-        return "".join(t.replace(self.decode_rep, "" if k == 0 and self.decode_strip else " ") for k, t in enumerate(tokens))
+        return "".join(
+            t.replace(self.decode_rep, "" if k == 0 and self.decode_strip else " ") for k, t in enumerate(tokens)
+        )
 
 # %% ../nbs/04_unigram.ipynb #6d2827bb
 class T5Tokenizer:
-    "T5's tokenizer in pure Python, from `spiece.model` (as sentencepiece) or `tokenizer.json` (as T5TokenizerFast); `tok(texts)` gives the (B, L) ids for the T5 encoder."
+    """T5's tokenizer in pure Python, from `spiece.model` (as sentencepiece) or `tokenizer.json` (as T5TokenizerFast);
+    `tok(texts)` gives the (B, L) ids for the T5 encoder."""
+
     def __init__(self, backend):
         self.backend = backend
-        self.pad_id, self.eos_id, self.unk_id, self.vocab_size = backend.pad_id, backend.eos_id, backend.unk_id, backend.vocab_size
+        self.pad_id, self.eos_id, self.unk_id, self.vocab_size = (
+            backend.pad_id,
+            backend.eos_id,
+            backend.unk_id,
+            backend.vocab_size,
+        )
 
     @classmethod
     def from_pretrained(cls, path) -> "T5Tokenizer":
-        "Load from a spiece.model, a tokenizer.json, or a folder holding either (tokenizer.json preferred, as diffusers uses it)."
+        """Load from a spiece.model, a tokenizer.json, or a folder holding either (tokenizer.json preferred, as
+        diffusers uses it)."""
         path = Path(path)
         if path.is_dir():
             found = [path / f for f in ("tokenizer.json", "spiece.model") if (path / f).is_file()]
-            if not found: raise FileNotFoundError(f"{path} holds neither tokenizer.json nor spiece.model (it has: {sorted(p.name for p in path.iterdir())[:10]})")
+            if not found:
+                raise FileNotFoundError(
+                    f"{path} holds neither tokenizer.json nor spiece.model (it has: {sorted(p.name for p in path.iterdir())[:10]})"
+                )
             path = found[0]
-        if not path.is_file(): raise FileNotFoundError(f"{path}: no such file or folder (expected spiece.model, tokenizer.json, or a folder holding either)")
-        if path.suffix != ".json": return cls(SentencePieceUnigram(load_sentencepiece_model(path), str(path)))
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no such file or folder (expected spiece.model, tokenizer.json, or a folder holding either)"
+            )
+        if path.suffix != ".json":
+            return cls(SentencePieceUnigram(load_sentencepiece_model(path), str(path)))
         spec = read_json(path)
-        if not isinstance(spec, dict): raise ValueError(f"{path}: not a valid tokenizer.json (expected a JSON object, found {type(spec).__name__})")
-        try: return cls(TokenizerJsonUnigram(spec, str(path)))
-        except (KeyError, TypeError) as e: raise ValueError(f"{path}: not a valid tokenizer.json (missing or malformed entry {e})") from None
+        if not isinstance(spec, dict):
+            raise ValueError(
+                f"{path}: not a valid tokenizer.json (expected a JSON object, found {type(spec).__name__})"
+            )
+        try:
+            return cls(TokenizerJsonUnigram(spec, str(path)))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a valid tokenizer.json (missing or malformed entry {e})") from None
 
     def encode(self, text: str) -> list:
         "The ids of `text`, without EOS."
-        if not isinstance(text, str): raise TypeError(f"encode expects a string, got {type(text).__name__}")
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a string, got {type(text).__name__}")
         return self.backend.encode(text)
 
     def decode(self, ids) -> str:
@@ -694,23 +1312,34 @@ class T5Tokenizer:
     def __call__(self, texts, max_length: int = 256) -> torch.Tensor:
         "A LongTensor (B, max_length): each row the ids truncated to max_length - 1, then EOS, then pad."
         texts = batch_texts(texts, max_length, 1, "the EOS token")
-        out = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)               # (B, L)
+        out = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)  # (B, L)
         for row, text in enumerate(texts):
-            ids = self.backend.encode(text)[:max_length - 1] + [self.eos_id]
-            out[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            ids = self.backend.encode(text)[: max_length - 1] + [self.eos_id]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 
 # %% ../nbs/04_unigram.ipynb #f4709b30
 def check_viterbi(fn, **kwargs) -> bool:
     "Check an implementation of `viterbi(text, logp)` on hidden toy vocabularies; prints which case failed."
     rng = random.Random(4)
-    def vocab(pieces): return {p: -rng.uniform(0.5, 6.0) for p in pieces}
+
+    def vocab(pieces):
+        return {p: -rng.uniform(0.5, 6.0) for p in pieces}
+
     chars = vocab("abcdnr▁")
-    cases = [Case("a single character", ("a", vocab("a"))),
-             Case("two characters, the pair is likelier", ("ab", {"a": -3.0, "b": -3.0, "ab": -2.0})),
-             Case("two characters, the pair is less likely", ("ab", {"a": -1.0, "b": -1.0, "ab": -2.5})),
-             Case("the empty string", ("", vocab("ab"))),
-             Case("abracadabra with random scores", ("▁abracadabra", chars | vocab(["ab", "ra", "abra", "cad", "▁ab", "bra", "dab", "acad"]))),
-             Case("overlapping long pieces", ("▁abcdabcd", chars | vocab(["abc", "bcd", "cda", "abcd", "▁a", "▁abc", "dab", "da"]))),
-             Case("a long repetitive text", ("▁" + "abcd" * 30, chars | vocab(["ab", "cd", "bc", "abcd", "da", "cdab"])))]
+    cases = [
+        Case("a single character", ("a", vocab("a"))),
+        Case("two characters, the pair is likelier", ("ab", {"a": -3.0, "b": -3.0, "ab": -2.0})),
+        Case("two characters, the pair is less likely", ("ab", {"a": -1.0, "b": -1.0, "ab": -2.5})),
+        Case("the empty string", ("", vocab("ab"))),
+        Case(
+            "abracadabra with random scores",
+            ("▁abracadabra", chars | vocab(["ab", "ra", "abra", "cad", "▁ab", "bra", "dab", "acad"])),
+        ),
+        Case(
+            "overlapping long pieces",
+            ("▁abcdabcd", chars | vocab(["abc", "bcd", "cda", "abcd", "▁a", "▁abc", "dab", "da"])),
+        ),
+        Case("a long repetitive text", ("▁" + "abcd" * 30, chars | vocab(["ab", "cd", "bc", "abcd", "da", "cdab"]))),
+    ]
     return run_checks(fn, viterbi, cases, name="viterbi", **kwargs)
