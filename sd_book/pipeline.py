@@ -963,6 +963,15 @@ def build_parser() -> argparse.ArgumentParser:
             description="Train the tiny SD3 of chapter 13: with no options, the model shipped with sd_book.",
         )
     )
+    from sd_book.metrics import add_eval_arguments  # chapter 14
+
+    add_eval_arguments(
+        commands.add_parser(
+            "eval",
+            help="measure a model of chapter 12's world: GenEval, FID, KID, CLIP score (the shipped model by default)",
+            description="Measure an SD3 model of chapter 12's world as chapter 14 does, and print the table.",
+        )
+    )
     parser.epilog = "Options of `sd-book generate`:\n" + g.format_help().split("\n\n", 2)[-1]
     return parser
 
@@ -1049,7 +1058,12 @@ def main(argv=None) -> int:
         from sd_book.train import train_command
 
         return train_command(args)
+    if args.command == "eval":
+        from sd_book.metrics import eval_command
+
+        return eval_command(args)
     return _generate(args, parser)
+
 
 # %% ../nbs/11_pipeline.ipynb #27396892
 def check_join_text_states(fn, **kwargs) -> bool:

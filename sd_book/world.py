@@ -7,7 +7,8 @@ __all__ = ['SIZE', 'BACKGROUND', 'COLORS', 'SHAPES', 'RADII', 'CELL', 'POSITIONS
            'HELD_OUT', 'TRAIN_MIX', 'FOREGROUND', 'MIN_AREA', 'with_article', 'plural', 'Thing', 'render',
            'relative_position', 'cell_centres', 'place', 'geneval_prompts', 'uses_held_out', 'scene_for', 'captions',
            'Scene', 'random_scene', 'make_scenes', 'connected_components', 'shape_features', 'classify_shape',
-           'Detection', 'detect', 'draw_detections', 'evaluate', 'summarize', 'geneval']
+           'Detection', 'detect', 'draw_detections', 'evaluate', 'summarize', 'geneval_jobs', 'geneval_pictures',
+           'geneval']
 
 # %% ../nbs/12_world.ipynb #502784a9
 import math
@@ -431,16 +432,26 @@ def summarize(results: list) -> dict:
     return {**scores, "overall": sum(scores.values()) / len(scores)} if scores else {}
 
 # %% ../nbs/12_world.ipynb #b5ef4024
+def geneval_jobs(prompts: list | None = None, images_per_prompt: int = 4) -> list:
+    "The pictures GenEval asks for: each prompt's metadata (default: all of `geneval_prompts`) `images_per_prompt` times."
+    prompts = geneval_prompts() if prompts is None else prompts
+    return [m for m in prompts for _ in range(images_per_prompt)]
+
+
+def geneval_pictures(pipe, jobs: list, seed: int = 0, batch_size: int = 256, **settings) -> list:
+    "One picture from `pipe` per job's prompt, in batches of `batch_size`; batch k is drawn from seed + k."
+    pictures = []
+    for k, start in enumerate(range(0, len(jobs), batch_size)):
+        pictures += pipe([m["prompt"] for m in jobs[start : start + batch_size]], seed=seed + k, **settings)
+    return pictures
+
+
 def geneval(
     pipe, prompts: list | None = None, images_per_prompt: int = 4, seed: int = 0, batch_size: int = 256, **settings
 ) -> list:
     """GenEval's protocol on `pipe`: `images_per_prompt` pictures of each prompt (default: all of `geneval_prompts`),
     judged; [(metadata, correct), ...]."""
-    prompts = geneval_prompts() if prompts is None else prompts
-    jobs = [m for m in prompts for _ in range(images_per_prompt)]
-    results = []
-    for k, start in enumerate(range(0, len(jobs), batch_size)):
-        batch = jobs[start : start + batch_size]
-        pictures = pipe([m["prompt"] for m in batch], seed=seed + k, **settings)  # batch k from seed + k
-        results += [(m, evaluate(picture, m)[0]) for m, picture in zip(batch, pictures)]
-    return results
+    jobs = geneval_jobs(prompts, images_per_prompt)
+    pictures = geneval_pictures(pipe, jobs, seed, batch_size, **settings)
+    return [(m, evaluate(picture, m)[0]) for m, picture in zip(jobs, pictures)]
+
