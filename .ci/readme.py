@@ -2,7 +2,9 @@
 
 nbdev_readme needs Quarto, which cannot be installed everywhere. This does the same job with
 nbconvert: cells marked `#| hide` are dropped, `#|` directive lines are removed from the others,
-and the notebook (with its stored outputs) is written as Markdown.
+and the notebook (with its stored outputs) is written as Markdown. The index links to the chapters
+as its neighbours in nbs/ (`01_diffusion.ipynb`), which is right for Jupyter and Quarto; README.md
+sits one folder up, so those links get an `nbs/` prefix.
 
     python .ci/readme.py           # write README.md
     python .ci/readme.py --check   # exit 1 if README.md is not what index.ipynb generates
@@ -31,6 +33,7 @@ def readme_text(nb_path: Path = ROOT / "nbs" / "index.ipynb") -> str:
     for c in nb.cells:
         if c.cell_type == "code": c.source = "\n".join(l for l in c.source.splitlines() if not DIRECTIVE.match(l))
     body, _ = MarkdownExporter().from_notebook_node(nb)
+    body = re.sub(r"\]\((\w+\.ipynb)\)", r"](nbs/\1)", body)  # links between notebooks, seen from the repository root
     note = "<!-- generated from nbs/index.ipynb by .ci/readme.py: edit the notebook, not this file -->\n\n"
     return note + re.sub(r"\n{3,}", "\n\n", body).strip() + "\n"
 

@@ -154,7 +154,7 @@ def load_safetensors_by_hand(path) -> dict:
             f.seek(start + begin)
             f.readinto(buf)
             # frombuffer refuses 0 bytes
-            flat = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype))
+            flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
             tensors[name] = flat.reshape(e["shape"])
     return tensors
 

@@ -381,7 +381,7 @@ def clip_config_json(config: CLIPConfig) -> dict:
         "layer_norm_eps",
     )
     # transformers reads eos_token_id 2 as "pool at argmax(ids)"
-    eos = (2 if config.eos_token_id is None else config.eos_token_id)
+    eos = 2 if config.eos_token_id is None else config.eos_token_id
     return {
         "architectures": ["CLIPTextModelWithProjection"],
         "model_type": "clip_text_model",

@@ -116,7 +116,7 @@ class SD3Pipeline:
         self.mmdit, self.vae, self.clip_l, self.clip_g, self.t5 = mmdit, vae, clip_l, clip_g, t5
         self.tokenizer_l, self.tokenizer_g, self.tokenizer_t5 = tokenizer_l, tokenizer_g, tokenizer_t5
         # SD3: scale 1.5305, shift 0.0609
-        self.latent_format = (vae.config.latent_format if latent_format is None else latent_format)
+        self.latent_format = vae.config.latent_format if latent_format is None else latent_format
         self.shift, self.name = float(shift), name
         # pipe(...) settings for this model (section 8); unset arguments take them
         self.recommended = dict(recommended or {})
@@ -361,7 +361,7 @@ def image_tensor(image, height: int, width: int) -> torch.Tensor:
             )
         return x.float()
     # at the same size: a copy
-    resized = lambda im: (im.resize((width, height), Image.LANCZOS) if isinstance(im, Image.Image) else im)
+    resized = lambda im: im.resize((width, height), Image.LANCZOS) if isinstance(im, Image.Image) else im
     # chapter 0's checks, RGB conversion
     x = pil_to_tensor([resized(im) for im in image] if isinstance(image, (list, tuple)) else resized(image))
     return x if x.ndim == 4 else x[None]
@@ -394,7 +394,7 @@ def _initial_latents(
     `timestep` of `scheduler` with that noise."""
     shape = self.latent_shape(batch, height, width)
     # first draw: the posterior sample
-    x0 = (None if image is None else self.encode_image(image, height, width, generator))
+    x0 = None if image is None else self.encode_image(image, height, width, generator)
     if x0 is not None and x0.shape[0] != batch:
         if batch % x0.shape[0]:
             raise ValueError(
@@ -504,7 +504,7 @@ def __call__(
     self.latent_shape(len(texts), s["height"], s["width"])
     scheduler = self.scheduler(s["num_inference_steps"], s["shift"])
     # (n,): the steps that run
-    timesteps = (scheduler.timesteps if image is None else scheduler.img2img_timesteps(strength))
+    timesteps = scheduler.timesteps if image is None else scheduler.img2img_timesteps(strength)
     sigmas = scheduler.sigmas[len(scheduler.timesteps) - len(timesteps) :]  # (n + 1,)
     w = s["guidance_scale"]
     negative = as_texts(negative_prompt, len(texts), "negative_prompt") if w > 1 else None  # CFG off for w <= 1
@@ -1063,7 +1063,6 @@ def main(argv=None) -> int:
 
         return eval_command(args)
     return _generate(args, parser)
-
 
 # %% ../nbs/11_pipeline.ipynb #27396892
 def check_join_text_states(fn, **kwargs) -> bool:

@@ -207,7 +207,7 @@ def train(
     if checkpoint and checkpoint.exists():
         start, history = _load_checkpoint(checkpoint, model, optimizer, schedule, ema, device)
     # averages the gradients over the processes in backward()
-    net = (DistributedDataParallel(model) if world > 1 else model)
+    net = DistributedDataParallel(model) if world > 1 else model
     part = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
     bar = tqdm(
         range(start, config.steps), initial=start, total=config.steps, disable=not progress or rank != 0, desc=desc

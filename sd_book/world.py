@@ -454,4 +454,3 @@ def geneval(
     jobs = geneval_jobs(prompts, images_per_prompt)
     pictures = geneval_pictures(pipe, jobs, seed, batch_size, **settings)
     return [(m, evaluate(picture, m)[0]) for m, picture in zip(jobs, pictures)]
-
