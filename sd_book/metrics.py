@@ -9,10 +9,9 @@ __all__ = ['COLOR_SHAPES', 'GRID', 'EVAL_NETS', 'GENEVAL_TASKS', 'sqrt_psd', 'tr
            'embed', 'info_nce', 'ToyCLIP', 'train_toy_clip', 'clip_score', 'shipped_eval_networks',
            'save_eval_networks', 'load_eval_networks', 'count_accuracy', 'retrieval_accuracy', 'eval_networks_card',
            'train_eval_networks', 'reference_pictures', 'measure', 'evaluate_model', 'format_table',
-           'save_geneval_folder', 'add_eval_arguments', 'eval_command', 'jsonable', 'precision_recall', 'fid_infinity',
-           'check_precision_recall', 'check_fid_infinity']
+           'save_geneval_folder', 'add_eval_arguments', 'eval_command', 'jsonable']
 
-# %% ../nbs/14_eval.ipynb #292b8763
+# %% ../nbs/14_eval.ipynb #4b19488e
 import json
 import math
 import random
@@ -30,7 +29,6 @@ from safetensors.torch import load_file, save_file
 from .bpe import CLIPTokenizer
 from .clip import CLIPConfig, CLIPTextEncoder, num_params
 from .core import pil_to_tensor
-from .testing import Case, run_checks
 from .train import TrainConfig, WorldData, train, train_clip_tokenizers, world_data
 from sd_book.world import (
     CELL,
@@ -48,7 +46,7 @@ from sd_book.world import (
     uses_held_out,
 )
 
-# %% ../nbs/14_eval.ipynb #80fabeb7
+# %% ../nbs/14_eval.ipynb #1b91ef81
 def sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
     "The symmetric square root of a symmetric positive semi-definite matrix (eigenvalues below 0 by rounding count as 0)."
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
@@ -61,7 +59,7 @@ def trace_sqrt_product(sigma1: torch.Tensor, sigma2: torch.Tensor) -> torch.Tens
     m = root @ sigma2 @ root
     return torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()  # (m + mᵀ)/2: symmetric to the last bit
 
-# %% ../nbs/14_eval.ipynb #211bef2f
+# %% ../nbs/14_eval.ipynb #2380a49e
 def _as_float64(x, name: str, ndim: int) -> torch.Tensor:
     "`x` as a float64 tensor with `ndim` dimensions, or a ValueError naming it."
     t = torch.as_tensor(x).to(torch.float64)
@@ -84,7 +82,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     diff = mu1 - mu2
     return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt_product(sigma1, sigma2))
 
-# %% ../nbs/14_eval.ipynb #e064a25e
+# %% ../nbs/14_eval.ipynb #2f2078d5
 def gaussian_stats(features) -> tuple:
     "(mean (D,), covariance (D, D)) of `features` (N, D), rows are samples, in float64; the covariance divides by N - 1."
     x = _as_float64(features, "features", 2)
@@ -100,7 +98,7 @@ def fid(features_a, features_b, feature_fn=None) -> float:
         features_a, features_b = feature_fn(features_a), feature_fn(features_b)
     return frechet_distance(*gaussian_stats(features_a), *gaussian_stats(features_b))
 
-# %% ../nbs/14_eval.ipynb #b4f77d80
+# %% ../nbs/14_eval.ipynb #97de0d2a
 def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     "KID's kernel k(x, y) = (x·y / D + 1)³ between the rows of x (m, D) and y (n, D): (m, n)."
     return (x @ y.T / x.shape[1] + 1) ** 3
@@ -114,7 +112,7 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     within_y = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
     return within_x + within_y - 2 * kxy.mean()
 
-# %% ../nbs/14_eval.ipynb #3192473a
+# %% ../nbs/14_eval.ipynb #46837415
 def kid_subsets(n_a: int, n_b: int, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> list:
     """KID's random subsets: `num_subsets` pairs (rows of a, rows of b) of min(n_a, n_b, subset_size) rows each,
     without replacement, from a generator seeded with `seed`."""
@@ -139,7 +137,7 @@ def kid(
     values = torch.stack([mmd2_unbiased(a[i], b[j]) for i, j in subsets])
     return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
 
-# %% ../nbs/14_eval.ipynb #9e8d88fb
+# %% ../nbs/14_eval.ipynb #91e67a50
 class ImageTower(nn.Module):
     """64 x 64 pictures (B, 3, 64, 64) in [-1, 1] -> vectors (B, dim): per level a stride-2 and a stride-1 3x3
     convolution with ReLUs (64 -> 4 pixels over four levels), then a linear map of the flattened 4 x 4 grid."""
@@ -156,7 +154,7 @@ class ImageTower(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.convs(x).flatten(1))  # (B, C, 4, 4) -> (B, dim)
 
-# %% ../nbs/14_eval.ipynb #487fb50d
+# %% ../nbs/14_eval.ipynb #a32bb4cd
 COLOR_SHAPES = [(c, s) for c in COLORS for s in SHAPES]
 GRID = SIZE // CELL  # cells per side
 
@@ -185,7 +183,7 @@ class WorldFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
-# %% ../nbs/14_eval.ipynb #0277aec8
+# %% ../nbs/14_eval.ipynb #7a7a8811
 @dataclass
 class EvalNetsConfig:
     "How the feature network and the toy CLIP are trained; the defaults made the networks shipped with sd_book."
@@ -214,7 +212,7 @@ def scene_data(n: int, seed: int, progress: bool = True) -> tuple:
     "(chapter 13's `world_data(n, seed)`, the `scene_targets` of the same scenes (n, 36))."
     return world_data(n, seed, progress), torch.stack([scene_targets(s.things) for s in make_scenes(n, seed)])
 
-# %% ../nbs/14_eval.ipynb #7b850839
+# %% ../nbs/14_eval.ipynb #300ead92
 def train_world_features(
     data: WorldData, targets: torch.Tensor, config: EvalNetsConfig, progress: bool = True
 ) -> tuple:
@@ -234,7 +232,7 @@ def train_world_features(
     )
     return net, train(net, loss, len(targets), schedule, progress=progress, desc="feature network")
 
-# %% ../nbs/14_eval.ipynb #5d877352
+# %% ../nbs/14_eval.ipynb #40c023da
 def as_pictures(images) -> torch.Tensor:
     "`images` (PIL pictures, or a tensor (N, 3, 64, 64) in [-1, 1]) as a tensor, checked to be the world's pictures."
     x = images if torch.is_tensor(images) else pil_to_tensor(list(images))
@@ -252,13 +250,13 @@ def embed(fn, images, batch_size: int = 500, device=None) -> torch.Tensor:
     x = as_pictures(images)
     return torch.cat([fn(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
 
-# %% ../nbs/14_eval.ipynb #4dd73e63
+# %% ../nbs/14_eval.ipynb #df847b67
 def info_nce(logits: torch.Tensor) -> torch.Tensor:
     "CLIP's symmetric cross-entropy for logits (B, B) between B pictures (rows) and their B captions (columns)."
     labels = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
-# %% ../nbs/14_eval.ipynb #18162033
+# %% ../nbs/14_eval.ipynb #932aaeac
 class ToyCLIP(nn.Module):
     """A contrastive text-image model for the world: chapter 6's CLIPTextEncoder and an ImageTower, both into a joint
     space of `config.clip_dim`; `model(pictures, ids)` gives the logits (B, B)."""
@@ -299,7 +297,7 @@ class ToyCLIP(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=100) * self.embed_images(x) @ self.embed_ids(ids).T  # (B, B)
 
-# %% ../nbs/14_eval.ipynb #fbe3d547
+# %% ../nbs/14_eval.ipynb #0865f393
 def train_toy_clip(data: WorldData, tokenizer: CLIPTokenizer, config: EvalNetsConfig, progress: bool = True) -> tuple:
     "Train a `ToyCLIP` by InfoNCE on `data`, one random true caption per picture per step: (model, training history)."
     torch.manual_seed(config.seed)
@@ -323,7 +321,7 @@ def train_toy_clip(data: WorldData, tokenizer: CLIPTokenizer, config: EvalNetsCo
     )
     return model, train(model, loss, len(data.captions), schedule, progress=progress, desc="toy CLIP")
 
-# %% ../nbs/14_eval.ipynb #6e7baa45
+# %% ../nbs/14_eval.ipynb #d7c08711
 @torch.no_grad()
 def clip_score(clip: ToyCLIP, images, prompts: list) -> torch.Tensor:
     "100 * max(cos(picture, prompt), 0) for each picture and its prompt under `clip`: (N,)."
@@ -333,7 +331,7 @@ def clip_score(clip: ToyCLIP, images, prompts: list) -> torch.Tensor:
     cos = (images * clip.embed_texts(prompts).cpu()).sum(-1)
     return 100 * cos.clamp(min=0)
 
-# %% ../nbs/14_eval.ipynb #202f872d
+# %% ../nbs/14_eval.ipynb #453bcde6
 EVAL_NETS = "world-eval"
 
 
@@ -372,7 +370,7 @@ def load_eval_networks(folder=None, device=None) -> tuple:
         net.load_state_dict({k: v.float() for k, v in load_file(folder / f"{name}.safetensors").items()})
     return features.to(device).eval(), clip.to(device).eval()
 
-# %% ../nbs/14_eval.ipynb #353cf8db
+# %% ../nbs/14_eval.ipynb #d08bdfd6
 @torch.no_grad()
 def count_accuracy(features: WorldFeatures, data: WorldData, targets: torch.Tensor) -> float:
     "The fraction of `data`'s pictures whose every `scene_targets` count the network predicts exactly (after rounding)."
@@ -388,7 +386,7 @@ def retrieval_accuracy(clip: ToyCLIP, data: WorldData) -> float:
     best = (images @ clip.embed_texts(texts).cpu().T).argmax(dim=1)
     return sum(texts[b] == t for b, t in zip(best.tolist(), texts)) / len(texts)
 
-# %% ../nbs/14_eval.ipynb #b2584e38
+# %% ../nbs/14_eval.ipynb #66316a32
 def eval_networks_card(config: EvalNetsConfig, log: dict, command: str) -> str:
     "The README of the evaluation networks' folder: what they are, how they were made, how well they work."
     return f"""# Evaluation networks for chapter 12's world
@@ -433,13 +431,13 @@ def train_eval_networks(out, config: EvalNetsConfig | None = None, progress: boo
     (Path(out) / "training_log.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
-# %% ../nbs/14_eval.ipynb #0123b7de
+# %% ../nbs/14_eval.ipynb #5bd1b5bb
 def reference_pictures(jobs: list, seed: int = 1) -> list:
     "A real picture of the world for each job (a prompt's metadata): a scene drawn by `scene_for`, rendered."
     rng = random.Random(seed)
     return [render(scene_for(m, rng)) for m in jobs]
 
-# %% ../nbs/14_eval.ipynb #4bf729f1
+# %% ../nbs/14_eval.ipynb #fd41019b
 def measure(pictures: list, jobs: list, features: WorldFeatures | None = None, clip: ToyCLIP | None = None) -> dict:
     """Every number for `pictures` generated for `jobs`: the six GenEval tasks and 'overall' (held-out pairs left out),
     'held_out', FID and KID against real pictures of the same jobs, CLIP score; and their real-picture baselines."""
@@ -465,7 +463,7 @@ def measure(pictures: list, jobs: list, features: WorldFeatures | None = None, c
         clip_score_real=float(clip_score(clip, real, prompts).mean()),
     )
 
-# %% ../nbs/14_eval.ipynb #f4542335
+# %% ../nbs/14_eval.ipynb #773cd295
 GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
@@ -509,7 +507,7 @@ def format_table(table: dict) -> str:
         )
     return "\n".join(f"{name:22s} {value}" for name, value in rows)
 
-# %% ../nbs/14_eval.ipynb #437ecd4c
+# %% ../nbs/14_eval.ipynb #c8ea964f
 def save_geneval_folder(folder, pictures: list, jobs: list) -> None:
     "Write `pictures` in GenEval's layout: <folder>/<prompt index, 5 digits>/metadata.jsonl and samples/<k, 4 digits>.png."
     folder, index, previous, k = Path(folder), -1, None, 0
@@ -521,7 +519,7 @@ def save_geneval_folder(folder, pictures: list, jobs: list) -> None:
         picture.save(folder / f"{index:05d}" / "samples" / f"{k:04d}.png")
         k += 1
 
-# %% ../nbs/14_eval.ipynb #9bd1daad
+# %% ../nbs/14_eval.ipynb #52f8e6fb
 def add_eval_arguments(parser) -> None:
     "The options of `sd-book eval`."
     parser.add_argument("-m", "--model", help="an SD3 model of chapter 12's world (default: the shipped tiny SD3)")
@@ -542,7 +540,7 @@ def add_eval_arguments(parser) -> None:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-# %% ../nbs/14_eval.ipynb #c1a1782c
+# %% ../nbs/14_eval.ipynb #da639ecf
 def eval_command(args) -> int:
     "`sd-book eval`: print a model's table (or train the evaluation networks); returns the exit status."
     from sd_book.pipeline import SD3Pipeline
@@ -580,56 +578,7 @@ def eval_command(args) -> int:
         (args.save / "scores.json").write_text(json.dumps(table, indent=1) + "\n")
     return 0
 
-# %% ../nbs/14_eval.ipynb #746cca80
+# %% ../nbs/14_eval.ipynb #88f5f8d1
 def jsonable(settings: dict) -> dict:
     "Sampling settings as JSON values: a SkipLayerGuidance becomes the dict of its fields."
     return {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in settings.items()}
-
-# %% ../nbs/14_eval.ipynb #30fea4e8
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple:
-    "Improved precision and recall (Kynkäänniemi et al., 2019) of `fake` against `real` features (N, D), k-NN balls."
-
-    def inside_some_ball(centres, points):
-        radii = torch.cdist(centres, centres).kthvalue(k + 1, dim=1).values  # k + 1: each point is its own nearest
-        return (torch.cdist(points, centres) <= radii).any(dim=1).double().mean().item()
-
-    real, fake = real.double(), fake.double()
-    return inside_some_ball(real, fake), inside_some_ball(fake, real)
-
-
-def fid_infinity(features_a, features_b, counts) -> float:
-    "FID extrapolated to infinitely many samples: the least-squares line through (1/n, FID of the first n rows), at 0."
-    x = torch.tensor([1 / n for n in counts], dtype=torch.float64)
-    y = torch.tensor([fid(features_a[:n], features_b[:n]) for n in counts], dtype=torch.float64)
-    design = torch.stack([torch.ones_like(x), x], dim=1)
-    return float(torch.linalg.lstsq(design, y[:, None]).solution[0, 0])
-
-# %% ../nbs/14_eval.ipynb #a8076279
-def check_precision_recall(fn, **kwargs) -> bool:
-    "Check an implementation of `precision_recall(real, fake, k)` on hidden cases."
-    g = torch.Generator().manual_seed(0)
-    real = torch.randn(60, 5, generator=g)
-    cases = [
-        Case("a shifted cloud, k = 3", (real, torch.randn(50, 5, generator=g) + 0.7, 3)),
-        Case("a narrower cloud, k = 1", (real, 0.3 * torch.randn(40, 5, generator=g), 1)),
-        Case("a wider cloud, k = 5", (real, 2.5 * torch.randn(70, 5, generator=g), 5)),
-        Case("the same points", (real, real.clone(), 3)),
-    ]
-    compare = lambda got, expected: (
-        None
-        if tuple(round(float(v), 6) for v in got) == tuple(round(v, 6) for v in expected)
-        else "(precision, recall) differ"
-    )
-    return run_checks(fn, precision_recall, cases, name="precision_recall", compare=compare, **kwargs)
-
-
-def check_fid_infinity(fn, **kwargs) -> bool:
-    "Check an implementation of `fid_infinity(features_a, features_b, counts)` on hidden cases."
-    g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(800, 6, generator=g), torch.randn(800, 6, generator=g) * 1.2 + 0.3
-    cases = [
-        Case("same distribution, three counts", (a[:400], a[400:], (100, 200, 400))),
-        Case("different distributions, four counts", (a, b, (50, 100, 400, 800))),
-        Case("two counts: the line through two points", (a, b, (200, 600))),
-    ]
-    return run_checks(fn, fid_infinity, cases, name="fid_infinity", atol=1e-6, rtol=1e-6, **kwargs)

@@ -6,8 +6,7 @@
 __all__ = ['TINY_NAME', 'CLI_OVERRIDES', 'WorldData', 'world_data', 'train_clip_merges', 'train_clip_tokenizers', 'warmup_cosine',
            'EMA', 'TrainConfig', 'step_generator', 'distributed', 'train', 'Reconstruct', 'vae_loss_fn',
            'encode_latents', 'TextToImage', 'TinySD3Config', 'CaptionIds', 'sd3_loss_fn', 'assemble', 'scores',
-           'train_tiny_sd3', 'model_card', 'add_train_arguments', 'train_command', 'mode_timesteps', 'accumulated_loss',
-           'check_mode_timesteps', 'check_accumulated_loss']
+           'train_tiny_sd3', 'model_card', 'add_train_arguments', 'train_command']
 
 # %% ../nbs/13_train.ipynb #13bca656
 import copy
@@ -32,7 +31,6 @@ from .core import pil_to_tensor, randn
 from .flow import flow_interpolate, logit_normal_timesteps, shift_sigma
 from .mmdit import MMDiT, MMDiTConfig
 from .pipeline import SD3Pipeline, join_text_states
-from .testing import Case, run_checks
 from .vae import AutoencoderKL, LatentFormat, VAEConfig, latent_shape, reparameterize, vae_loss
 from .world import geneval, make_scenes, render, summarize, uses_held_out
 
@@ -694,67 +692,3 @@ def train_command(args) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
-
-# %% ../nbs/13_train.ipynb #c3887d30
-def mode_timesteps(n: int, s: float, generator: torch.Generator) -> torch.Tensor:
-    """SD3's 'mode' sampling of training times: t = 1 - u - s (cos^2(pi u / 2) - 1 + u), u uniform on [0, 1) (one draw
-    from `generator`)."""
-    u = torch.rand(n, generator=generator)
-    return 1 - u - s * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-
-
-def accumulated_loss(
-    loss_fn, model: nn.Module, indices: torch.Tensor, generator: torch.Generator, micro_batches: int
-) -> float:
-    """Backward through `loss_fn` on `micro_batches` equal slices of the batch, each scaled by 1 / micro_batches; the
-    whole batch's loss."""
-    size, total = len(indices) // micro_batches, 0.0
-    for k in range(micro_batches):
-        g = torch.Generator().set_state(generator.get_state())  # every slice sees the same draws for the whole batch
-        loss = loss_fn(model, indices, g, slice(k * size, (k + 1) * size)) / micro_batches
-        loss.backward()
-        total += loss.item()
-    return total
-
-# %% ../nbs/13_train.ipynb #ee458579
-def check_mode_timesteps(fn, **kwargs) -> bool:
-    "Check an implementation of `mode_timesteps(n, s, generator)` on hidden cases."
-    cases = [
-        Case("s = 0: uniform times", (5, 0.0, torch.Generator().manual_seed(0))),
-        Case("s = 0.81", (1000, 0.81, torch.Generator().manual_seed(1))),
-        Case("a negative s", (7, -0.5, torch.Generator().manual_seed(2))),
-        Case("one time", (1, 1.29, torch.Generator().manual_seed(3))),
-    ]
-    return run_checks(fn, mode_timesteps, cases, name="mode_timesteps", **kwargs)
-
-
-def _gradients_after(accumulate, loss_fn, batch, micro_batches):
-    "(the returned loss, the gradients) after `accumulate` runs on a fresh copy of a small fixed model."
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
-    loss = accumulate(loss_fn, model, batch, step_generator(0, 0), micro_batches)
-    return float(loss), [p.grad.clone() for p in model.parameters()]
-
-
-def check_accumulated_loss(fn, **kwargs) -> bool:
-    "Check an implementation of `accumulated_loss(loss_fn, model, indices, generator, micro_batches)` on hidden cases."
-    xs, ys = randn((64, 3), seed=0), randn((64, 1), seed=1)
-
-    def noisy_loss(model, indices, g, part):  # draws for the whole batch, like sd3_loss_fn
-        noise = randn((len(indices), 3), generator=g) * 0.1
-        return F.mse_loss(model(xs[indices][part] + noise[part]), ys[indices][part])
-
-    batch = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(5))
-    cases = [
-        Case("one micro-batch", (noisy_loss, batch, 1)),
-        Case("two micro-batches", (noisy_loss, batch, 2)),
-        Case("four micro-batches", (noisy_loss, batch, 4)),
-        Case("one example each", (noisy_loss, batch, 12)),
-    ]
-    return run_checks(
-        lambda *a: _gradients_after(fn, *a),
-        lambda *a: _gradients_after(accumulated_loss, *a),
-        cases,
-        name="accumulated_loss",
-        **kwargs,
-    )
