@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['flow_interpolate', 'logit_normal_timesteps', 'flow_loss', 'euler_step', 'euler_sample', 'shift_sigma',
-           'resolution_shift', 'FlowMatchEulerScheduler', 'flow_sample', 'check_shift_sigma', 'check_euler_step']
+           'resolution_shift', 'FlowMatchEulerScheduler', 'flow_sample']
 
 # %% ../nbs/02_flow.ipynb #f6fcc5bd
 import math
@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from .core import randn
 from .diffusion import model_device, per_example, require_positive_int
-from .testing import Case, run_checks
 
 # %% ../nbs/02_flow.ipynb #2116ff49
 def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
@@ -217,30 +216,3 @@ def _img2img_timesteps(self: FlowMatchEulerScheduler, strength: float) -> torch.
 
 
 FlowMatchEulerScheduler.img2img_timesteps = _img2img_timesteps
-
-# %% ../nbs/02_flow.ipynb #16106850
-def check_shift_sigma(fn, **kwargs) -> bool:
-    "Check an implementation of `shift_sigma(sigma, shift)` on hidden cases."
-    grid = torch.linspace(0, 1, 11)
-    cases = [
-        Case("a float sigma, shift 3", (0.3, 3.0)),
-        Case("the ends of the range stay fixed", (torch.tensor([0.0, 1.0]), 3.0)),
-        Case("a grid of sigmas, shift 3", (grid, 3.0)),
-        Case("shift 1 changes nothing", (grid, 1.0)),
-        Case("a shift below 1 moves sigmas towards 0", (grid, 0.5)),
-    ]
-    return run_checks(fn, shift_sigma, cases, **kwargs)
-
-
-def check_euler_step(fn, **kwargs) -> bool:
-    "Check an implementation of `euler_step(sample, velocity, sigma, sigma_next)` on hidden cases."
-    cases = [
-        Case("one 2D point, from sigma 1 to 0.5", (torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, -1.0]]), 1.0, 0.5)),
-        Case("a batch of latents, a small step", (randn((2, 4, 3, 3), seed=1), randn((2, 4, 3, 3), seed=2), 0.3, 0.25)),
-        Case("the last step, to sigma 0", (randn((5, 2), seed=3), randn((5, 2), seed=4), 0.05, 0.0)),
-        Case(
-            "sigmas as 0-d tensors",
-            (randn((3, 2), seed=5), randn((3, 2), seed=6), torch.tensor(0.8), torch.tensor(0.6)),
-        ),
-    ]
-    return run_checks(fn, euler_step, cases, **kwargs)
