@@ -7,7 +7,7 @@ __all__ = ['PREDICTION_TYPES', 'require_positive_int', 'two_moons', 'linear_beta
            'per_example', 'q_sample', 'timestep_embedding', 'ToyNet', 'v_target', 'eps_to_v', 'v_to_eps',
            'predict_x0_eps', 'diffusion_loss', 'model_device', 'train_toy', 'ddpm_step', 'ddim_step',
            'sampling_timesteps', 'reverse_diffusion', 'ddpm_sample', 'ddim_sample', 'wasserstein_1d',
-           'sliced_wasserstein', 'check_q_sample', 'check_ddim_step']
+           'sliced_wasserstein']
 
 # %% ../nbs/01_diffusion.ipynb #f5698c9e
 import math
@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .core import cpu_generator, randn
-from .testing import Case, run_checks
 
 # %% ../nbs/01_diffusion.ipynb #df7a278e
 def require_positive_int(value, name: str) -> int:
@@ -360,37 +359,3 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int = 25
     dirs = randn((n_projections, a.shape[1]), seed=seed, dtype=torch.float64)
     dirs = (dirs / dirs.norm(dim=1, keepdim=True)).to(a.device, a.dtype)  # (K, D) unit vectors
     return wasserstein_1d(dirs @ a.T, dirs @ b.to(a.dtype).T).mean()  # (K, n) and (K, m) projections
-
-# %% ../nbs/01_diffusion.ipynb #3b78613b
-def check_q_sample(fn, **kwargs) -> bool:
-    "Check an implementation of `q_sample(x0, t, alpha_bars, noise)` on hidden cases."
-    ab, ab_lin = alpha_bars(scaled_linear_betas()), alpha_bars(linear_betas())
-    cases = [
-        Case(
-            "a batch of 2D points at mixed timesteps",
-            (randn((6, 2), seed=1), torch.tensor([0, 1, 10, 500, 998, 999]), ab, randn((6, 2), seed=2)),
-        ),
-        Case("one int timestep for the whole batch", (randn((3, 2), seed=3), 250, ab, randn((3, 2), seed=4))),
-        Case(
-            "an image-shaped batch (B, C, H, W)",
-            (randn((2, 4, 5, 5), seed=5), torch.tensor([100, 900]), ab, randn((2, 4, 5, 5), seed=6)),
-        ),
-        Case(
-            "DDPM's linear schedule",
-            (randn((4, 2), seed=7), torch.tensor([3, 30, 300, 700]), ab_lin, randn((4, 2), seed=8)),
-        ),
-    ]
-    return run_checks(fn, q_sample, cases, **kwargs)
-
-
-def check_ddim_step(fn, **kwargs) -> bool:
-    """Check an implementation of the deterministic epsilon-prediction `ddim_step(model_output, t, t_prev, x_t,
-    alpha_bars)` on hidden cases."""
-    ab = alpha_bars(scaled_linear_betas())
-    cases = [
-        Case("a middle step", (randn((5, 2), seed=1), 600, 500, randn((5, 2), seed=2), ab)),
-        Case("a large step from pure noise", (randn((5, 2), seed=3), 999, 499, randn((5, 2), seed=4), ab)),
-        Case("the last step (t_prev = -1)", (randn((5, 2), seed=5), 99, -1, randn((5, 2), seed=6), ab)),
-        Case("an image-shaped sample", (randn((2, 4, 3, 3), seed=7), 300, 200, randn((2, 4, 3, 3), seed=8), ab)),
-    ]
-    return run_checks(fn, ddim_step, cases, **kwargs)
