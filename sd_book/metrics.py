@@ -258,7 +258,7 @@ def info_nce(logits: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/14_eval.ipynb #932aaeac
 class ToyCLIP(nn.Module):
-    """A contrastive text-image model for the world: chapter 6's CLIPTextEncoder and an ImageTower, both into a joint
+    """A contrastive text-image model for the world: chapter 7's CLIPTextEncoder and an ImageTower, both into a joint
     space of `config.clip_dim`; `model(pictures, ids)` gives the logits (B, B)."""
 
     def __init__(self, config: EvalNetsConfig, tokenizer: CLIPTokenizer):

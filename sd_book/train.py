@@ -251,7 +251,7 @@ class Reconstruct(nn.Module):
 
 
 def vae_loss_fn(data: WorldData, config: VAEConfig, kl_weight: float = 1e-3):
-    """The loss for `train` of a `Reconstruct` (of a VAE with `config`) on `data`: chapter 8's vae_loss, the posterior
+    """The loss for `train` of a `Reconstruct` (of a VAE with `config`) on `data`: chapter 9's vae_loss, the posterior
     noise drawn for the global batch."""
 
     def loss(model, indices, g, part):
@@ -359,7 +359,7 @@ class TinySD3Config:
         )
 
     def vae_config(self) -> VAEConfig:
-        "Chapter 8's tiny VAE with these channels (scale and shift are measured after training)."
+        "Chapter 9's tiny VAE with these channels (scale and shift are measured after training)."
         return VAEConfig.tiny(block_out_channels=tuple(self.vae_channels))
 
     def clip_config(self, tokenizer: CLIPTokenizer, hidden_act: str) -> CLIPConfig:
