@@ -4,15 +4,12 @@
 
 # %% auto #0
 __all__ = ['attention_weights', 'attention', 'split_heads', 'merge_heads', 'sdpa', 'RMSNorm', 'SelfAttention', 'joint_attention',
-           'joint_attention_blocks', 'check_attention', 'check_joint_attention']
+           'joint_attention_blocks']
 
 # %% ../nbs/06_attention.ipynb #fc22adcc
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from .core import randn
-from .testing import Case, run_checks
 
 # %% ../nbs/06_attention.ipynb #4d940b67
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
@@ -166,37 +163,3 @@ def joint_attention_blocks(streams: list) -> list:
         Z = sum(ej.sum(-1, keepdim=True) for ej in e)  # shared normaliser
         outs.append(merge_heads(sum(ej @ v for ej, (_, _, v) in zip(e, streams)) / Z))
     return outs
-
-# %% ../nbs/06_attention.ipynb #5631efbb
-def check_attention(fn, **kwargs) -> bool:
-    "Check an implementation of `attention(q, k, v, mask=None)` on hidden cases; prints which case failed."
-    causal = torch.ones(6, 6, dtype=torch.bool).tril()
-    cases = [
-        Case("one head, 3 queries and 3 keys", tuple(randn((3, 4), seed=s) for s in range(3))),
-        Case(
-            "batch 2, 4 heads, 5 queries, 7 keys, value size 6",
-            (randn((2, 4, 5, 8), seed=3), randn((2, 4, 7, 8), seed=4), randn((2, 4, 7, 6), seed=5)),
-        ),
-        Case(
-            "large logits",
-            (10 * randn((1, 2, 4, 16), seed=6), 10 * randn((1, 2, 4, 16), seed=7), randn((1, 2, 4, 16), seed=8)),
-        ),
-        Case("a causal boolean mask", tuple(randn((2, 6, 8), seed=s) for s in (9, 10, 11)), {"mask": causal}),
-    ]
-    # large logits amplify rounding
-    return run_checks(fn, attention, cases, name="attention", **{"atol": 1e-4, "rtol": 1e-4, **kwargs})
-
-# %% ../nbs/06_attention.ipynb #c57b35b2
-def check_joint_attention(fn, **kwargs) -> bool:
-    "Check an implementation of `joint_attention(streams)` on hidden cases; prints which case failed."
-
-    def stream(B, H, L, d, seed):
-        return tuple(randn((B, H, L, d), seed=seed + i) for i in range(3))
-
-    cases = [
-        Case("text (4 tokens) and image (9 tokens), 2 heads", ([stream(1, 2, 4, 8, 0), stream(1, 2, 9, 8, 10)],)),
-        Case("batch 2, image first, then text", ([stream(2, 3, 16, 4, 20), stream(2, 3, 5, 4, 30)],)),
-        Case("a single stream", ([stream(1, 1, 6, 8, 40)],)),
-        Case("three streams", ([stream(1, 2, 3, 8, 50), stream(1, 2, 7, 8, 60), stream(1, 2, 2, 8, 70)],)),
-    ]
-    return run_checks(fn, joint_attention, cases, name="joint_attention", **kwargs)

@@ -6,7 +6,7 @@
 __all__ = ['ACTIVATIONS', 'CLIP_RENAMES', 'CLIP_ACT_BY_WIDTH', 'CLIPConfig', 'validate_ids', 'CLIPTextEmbeddings', 'causal_mask',
            'CLIPAttention', 'quick_gelu', 'activation', 'CLIPMLP', 'CLIPEncoderLayer', 'CLIPEncoder', 'eos_positions',
            'pool_at_eos', 'CLIPOutput', 'CLIPTextTransformer', 'CLIPTextEncoder', 'clip_num_params', 'num_params',
-           'rel_err', 'clip_state', 'clip_config', 'load_clip', 'clip_config_json', 'save_clip', 'check_pool_at_eos']
+           'rel_err', 'clip_state', 'clip_config', 'load_clip', 'clip_config_json', 'save_clip']
 
 # %% ../nbs/07_clip.ipynb #6de39f7a
 import json
@@ -21,8 +21,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .attention import merge_heads, split_heads
-from .core import randn
-from .testing import Case, run_checks
 from sd_book.checkpoints import (
     CheckpointError,
     LazyStateDict,
@@ -396,51 +394,3 @@ def save_clip(model: CLIPTextEncoder, folder, dtype: torch.dtype | None = None) 
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(clip_config_json(model.config), indent=2))
     return folder
-
-# %% ../nbs/07_clip.ipynb #c4a620f6
-def check_pool_at_eos(fn, **kwargs) -> bool:
-    "Check an implementation of `pool_at_eos(hidden, ids, eos_token_id)` on hidden cases."
-
-    def ids(rows):
-        return torch.tensor(rows)
-
-    cases = [
-        Case(
-            "EOS at the end of each row",
-            (randn((2, 5, 3), seed=1), ids([[49406, 7, 8, 9, 49407], [49406, 1, 2, 3, 49407]]), 49407),
-        ),
-        Case(
-            "rows padded with EOS",
-            (
-                randn((3, 6, 4), seed=2),
-                ids(
-                    [
-                        [49406, 5, 49407, 49407, 49407, 49407],
-                        [49406, 5, 6, 7, 49407, 49407],
-                        [49406, 49407] + [49407] * 4,
-                    ]
-                ),
-                49407,
-            ),
-        ),
-        Case(
-            "rows padded with 0",
-            (randn((2, 6, 4), seed=3), ids([[49406, 5, 49407, 0, 0, 0], [49406, 5, 6, 7, 8, 49407]]), 49407),
-        ),
-        Case(
-            "an EOS in the middle of the prompt",
-            (randn((1, 7, 2), seed=4), ids([[49406, 5, 49407, 6, 7, 49407, 0]]), 49407),
-        ),
-        Case(
-            "a small vocabulary whose EOS is 2", (randn((2, 5, 3), seed=5), ids([[0, 9, 8, 2, 1], [0, 2, 7, 7, 2]]), 2)
-        ),
-        Case(
-            "eos_token_id None: the largest id",
-            (
-                randn((3, 5, 3), seed=6),
-                ids([[5, 300, 9, 2, 1], [7, 8, 49000, 9, 3], [49406, 7, 49407, 49407, 3]]),
-                None,
-            ),
-        ),
-    ]
-    return run_checks(fn, pool_at_eos, cases, **kwargs)
