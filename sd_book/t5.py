@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['T5_RENAMES', 'T5Config', 'T5LayerNorm', 'relative_position_bucket', 'T5Attention', 'T5LayerSelfAttention',
            'T5DenseGatedActDense', 'T5LayerFF', 'clamp_fp16', 'T5Block', 'T5Stack', 'T5Encoder', 't5_num_params',
-           'cast_t5_state', 't5_state', 't5_config', 'load_t5', 'check_relative_position_bucket']
+           'cast_t5_state', 't5_state', 't5_config', 'load_t5']
 
 # %% ../nbs/08_t5.ipynb #cbffddb6
 import math
@@ -18,7 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import RMSNorm
-from .testing import Case, run_checks
 from sd_book.checkpoints import (
     CheckpointError,
     LazyStateDict,
@@ -310,17 +309,3 @@ def load_t5(
             dtype or state["shared.weight"].dtype
         ) == torch.float16  # an fp16 model, asked for or from an fp16 file
     return load_into(partial(T5Encoder, config), cast_t5_state(state, dtype, wo_fp32), device=device).eval()
-
-# %% ../nbs/08_t5.ipynb #e783d43a
-def check_relative_position_bucket(fn, **kwargs) -> bool:
-    """Check an implementation of `relative_position_bucket(relative_position, bidirectional, num_buckets,
-    max_distance)` on hidden cases."""
-    grid, pos = torch.arange(-300, 301), torch.arange(40)
-    cases = [
-        Case("all relative positions from -300 to 300", (grid,)),
-        Case("the (L, L) matrix of a 40-token sequence", (pos[None, :] - pos[:, None],)),
-        Case("16 buckets, maximum distance 20", (grid, True, 16, 20)),
-        Case("64 buckets, maximum distance 256", (grid, True, 64, 256)),
-        Case("unidirectional (the decoder's variant)", (grid, False, 32, 128)),
-    ]
-    return run_checks(fn, relative_position_bucket, cases, **kwargs)

@@ -8,7 +8,7 @@ __all__ = ['DIFFUSERS_VAE_DEFAULTS', 'SD3_LATENT', 'SD_LATENT', 'VAEConfig', 'va
            'reparameterize', 'DiagonalGaussian', 'AutoencoderKL', 'latent_shape', 'toy_shapes', 'vae_loss', 'train_vae',
            'reconstruction_error', 'LatentFormat', 'tile_starts', 'blend_ramp', 'tiled_apply', 'tiled_decode',
            'tiled_encode', 'vae_renames', 'vae_state', 'vae_config_from_state', 'load_vae', 'vae_diffusers_config',
-           'vae_renames_to_diffusers', 'vae_to_diffusers', 'save_vae', 'check_latent_shape', 'check_reparameterize']
+           'vae_renames_to_diffusers', 'vae_to_diffusers', 'save_vae']
 
 # %% ../nbs/09_vae.ipynb #05fd4f1f
 import json
@@ -38,7 +38,6 @@ from sd_book.checkpoints import (
     wrong_model_error,
 )
 from .core import randn
-from .testing import Case, run_checks
 
 # %% ../nbs/09_vae.ipynb #19028958
 @dataclass(frozen=True)
@@ -771,35 +770,3 @@ def save_vae(
     config = replace(vae.config, scaling_factor=fmt.scale, shift_factor=fmt.shift)
     (folder / "config.json").write_text(json.dumps(vae_diffusers_config(config), indent=2))
     return folder
-
-# %% ../nbs/09_vae.ipynb #439f1017
-def check_latent_shape(fn, **kwargs) -> bool:
-    "Check an implementation of `latent_shape(height, width, config, batch_size)` on hidden cases."
-    cases = [
-        Case("SD3 at 1024x1024", (1024, 1024, VAEConfig.sd3(), 1)),
-        Case("SD 1/2, two portrait pictures", (768, 512, VAEConfig.sd(), 2)),
-        Case("SD3 at a wide aspect ratio", (832, 1216, VAEConfig.sd3(), 1)),
-        Case("a VAE with two levels (factor 2)", (6, 10, VAEConfig.tiny(block_out_channels=(8, 16)), 3)),
-        Case(
-            "a VAE with one level (no downsampling)",
-            (5, 7, VAEConfig.tiny(block_out_channels=(8,), latent_channels=4), 1),
-        ),
-    ]
-    return run_checks(fn, latent_shape, cases, **kwargs)
-
-
-def check_reparameterize(fn, **kwargs) -> bool:
-    "Check an implementation of `reparameterize(mean, logvar, noise)` on hidden cases."
-    cases = [
-        Case("two numbers", (torch.tensor([0.5, -1.0]), torch.tensor([0.0, 2.0]), torch.tensor([1.0, -0.5]))),
-        Case(
-            "a latent-shaped batch",
-            (randn((2, 16, 4, 4), seed=1), randn((2, 16, 4, 4), seed=2), randn((2, 16, 4, 4), seed=3)),
-        ),
-        Case(
-            "a nearly deterministic posterior (log-variance -20)",
-            (randn((3, 4), seed=4), torch.full((3, 4), -20.0), randn((3, 4), seed=5)),
-        ),
-        Case("zero noise", (randn((5,), seed=6), randn((5,), seed=7), torch.zeros(5))),
-    ]
-    return run_checks(fn, reparameterize, cases, **kwargs)
