@@ -138,7 +138,8 @@ def _check_streams(streams) -> None:
             )
             if bhd != bhd0:
                 raise ValueError(
-                    f"stream {i} has (B, H, d) = {bhd}, stream 0 has {bhd0}: all streams need the same batch, heads and head size"
+                    f"stream {i} has (B, H, d) = {bhd}, stream 0 has {bhd0}: "
+                    "all streams need the same batch, heads and head size"
                 )
 
 # %% ../nbs/06_attention.ipynb #aad8d67a

@@ -102,7 +102,8 @@ def validate_ids(ids: torch.Tensor, max_len: int | None = None, what: str = "ids
     `max_len` (chapter 8's T5 uses it too)."""
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.ndim != 2:
         raise ValueError(
-            f"{what} must be an integer tensor of shape (B, L), got {type(ids).__name__} {tuple(getattr(ids, 'shape', ()))} {getattr(ids, 'dtype', '')}"
+            f"{what} must be an integer tensor of shape (B, L), got "
+            f"{type(ids).__name__} {tuple(getattr(ids, 'shape', ()))} {getattr(ids, 'dtype', '')}"
         )
     if ids.shape[1] < 1 or (max_len is not None and ids.shape[1] > max_len):
         raise ValueError(
@@ -211,7 +212,8 @@ def eos_positions(ids: torch.Tensor, eos_token_id: int | None = 49407) -> torch.
     is_eos = ids == eos_token_id  # (B, L)
     if not is_eos.any(-1).all():
         raise ValueError(
-            f"Rows {(~is_eos.any(-1)).nonzero().flatten().tolist()} of ids contain no end-of-text token {eos_token_id}: the pooled vector is read there"
+            f"Rows {(~is_eos.any(-1)).nonzero().flatten().tolist()} of ids contain no "
+            f"end-of-text token {eos_token_id}: the pooled vector is read there"
         )
     return is_eos.int().argmax(-1)
 
@@ -345,7 +347,8 @@ def clip_config(state, config_json: dict | None = None, **overrides) -> CLIPConf
     if "hidden_act" not in found:
         if D not in CLIP_ACT_BY_WIDTH:
             raise CheckpointError(
-                f"Cannot tell the activation of a {D}-wide CLIP without a config.json: pass hidden_act='quick_gelu' or 'gelu'"
+                f"Cannot tell the activation of a {D}-wide CLIP without a config.json: "
+                "pass hidden_act='quick_gelu' or 'gelu'"
             )
         found["hidden_act"] = CLIP_ACT_BY_WIDTH[D]
     return CLIPConfig(**found)

@@ -47,7 +47,8 @@ def join_text_states(clip_l: torch.Tensor, clip_g: torch.Tensor, t5: torch.Tenso
     lg = torch.cat([clip_l, clip_g], dim=-1)  # (B, 77, dl + dg)
     if lg.shape[-1] > t5.shape[-1]:
         raise ValueError(
-            f"The CLIP states are {lg.shape[-1]} channels wide together, wider than the {t5.shape[-1]} channels of the T5 states they are padded to"
+            f"The CLIP states are {lg.shape[-1]} channels wide together, wider than the "
+            f"{t5.shape[-1]} channels of the T5 states they are padded to"
         )
     if lg.shape[0] != t5.shape[0]:
         raise ValueError(f"Batch sizes differ: {lg.shape[0]} CLIP rows, {t5.shape[0]} T5 rows")
@@ -145,7 +146,8 @@ class SD3Pipeline:
 
     def __repr__(self):
         sizes = ", ".join(f"{k} {num_params(m) / 1e6:.1f}M" for k, m in self.modules.items())
-        return f"SD3Pipeline({self.name or 'unknown model'}: {sizes}; {self.dtype}, runs on {self.device}{', offloaded to ' + str(self.offload_device) if self.offload_device else ''})"
+        offload = ", offloaded to " + str(self.offload_device) if self.offload_device else ""
+        return f"SD3Pipeline({self.name or 'unknown model'}: {sizes}; {self.dtype}, runs on {self.device}{offload})"
 
 # %% ../nbs/11_pipeline.ipynb #75ffb43b
 def _on(self, module):
@@ -200,7 +202,8 @@ def _latent_shape(self, batch: int, height: int, width: int) -> tuple:
         if side % p:
             f = self.vae_scale_factor * p
             raise ValueError(
-                f"{name}={n}: the picture's sides must be positive multiples of {f} (the VAE divides by {self.vae_scale_factor}, the MMDiT's patches by {p}); "
+                f"{name}={n}: the picture's sides must be positive multiples of {f} "
+                f"(the VAE divides by {self.vae_scale_factor}, the MMDiT's patches by {p}); "
                 f"try {max(f, n // f * f)} or {(n // f + 1) * f}"
             )
     return shape
@@ -344,7 +347,8 @@ def image_tensor(image, height: int, width: int) -> torch.Tensor:
             )
         if tuple(x.shape[-2:]) != (height, width):
             raise ValueError(
-                f"The image tensor is {x.shape[-2]} x {x.shape[-1]} but height x width is {height} x {width}: resize it or pass its size"
+                f"The image tensor is {x.shape[-2]} x {x.shape[-1]} but height x width is {height} x {width}: "
+                "resize it or pass its size"
             )
         return x.float()
     # at the same size: a copy
@@ -595,8 +599,9 @@ def resolve_model(source, t5=None, token: str | None = None) -> Path:
         return path
     if not HUB_ID.match(str(source)):
         raise FileNotFoundError(
-            f"No model at {path}: expected a diffusers folder (transformer/, vae/, text_encoder/ ...), a folder of Stability's single files "
-            f"(sd3.5_*.safetensors with text_encoders/), one such .safetensors file, or a Hub repository id like stabilityai/stable-diffusion-3.5-medium"
+            f"No model at {path}: expected a diffusers folder (transformer/, vae/, text_encoder/ ...), "
+            "a folder of Stability's single files (sd3.5_*.safetensors with text_encoders/), "
+            "one such .safetensors file, or a Hub repository id like stabilityai/stable-diffusion-3.5-medium"
         )
     patterns = [
         "model_index.json",
@@ -618,7 +623,8 @@ def _check_parts(folder: Path, t5, made_without_t5: bool = False) -> bool:
     has_t5 = all((folder / name).is_dir() for name in T5_PARTS)
     if t5 and not has_t5:
         raise FileNotFoundError(
-            f"t5=True, but {folder} has no {' or '.join(n + '/' for n in T5_PARTS if not (folder / n).is_dir())} (T5-XXL and its tokenizer)"
+            f"t5=True, but {folder} has no {' or '.join(n + '/' for n in T5_PARTS if not (folder / n).is_dir())} "
+            "(T5-XXL and its tokenizer)"
         )
     if t5 is None and not has_t5 and not made_without_t5:
         warnings.warn(
@@ -674,7 +680,8 @@ def find_single_files(path) -> dict:
     mains = [path] if path.is_file() else [p for p in sorted(folder.glob("*.safetensors")) if _holds(p, "mmdit")]
     if len(mains) != 1:
         raise FileNotFoundError(
-            f"{folder} has {'no' if not mains else len(mains)} .safetensors file{'s' if len(mains) != 1 else ''} holding an MMDiT (keys model.diffusion_model.*)"
+            f"{folder} has {'no' if not mains else len(mains)} .safetensors file{'s' if len(mains) != 1 else ''} "
+            "holding an MMDiT (keys model.diffusion_model.*)"
             + (
                 f": {', '.join(p.name for p in mains)}; pass the one you want"
                 if mains
@@ -697,7 +704,8 @@ def find_single_files(path) -> dict:
         found = (main, prefix) if _holds(main, prefix) else (f, None) if (f := _first(folder, patterns)) else None
         if found is None and part != "t5":
             raise FileNotFoundError(
-                f"No {part} text encoder for {main.name}: looked for keys {SD3_PREFIXES[part]}* in it and for {patterns[0]} in {folder} and {folder / 'text_encoders'}"
+                f"No {part} text encoder for {main.name}: looked for keys {SD3_PREFIXES[part]}* in it "
+                f"and for {patterns[0]} in {folder} and {folder / 'text_encoders'}"
             )
         files[part] = found
     tokenizer = (
@@ -715,12 +723,14 @@ def load_single_file_parts(path, dtype=None, device=None, t5=None) -> dict:
     files = find_single_files(path)
     if t5 and files["t5"] is None:
         raise FileNotFoundError(
-            f"t5=True, but there are no T5 weights (t5xxl*.safetensors) next to {files['mmdit'][0].name} or in text_encoders/"
+            f"t5=True, but there are no T5 weights (t5xxl*.safetensors) next to {files['mmdit'][0].name} "
+            "or in text_encoders/"
         )
     use_t5 = files["t5"] is not None and t5 is not False
     if use_t5 and files["t5_tokenizer"] is None:
         raise FileNotFoundError(
-            f"Found T5 weights ({files['t5'][0].name}) but no T5 tokenizer: put tokenizer_3/ (from the diffusers layout), or spiece.model / tokenizer.json "
+            f"Found T5 weights ({files['t5'][0].name}) but no T5 tokenizer: "
+            "put tokenizer_3/ (from the diffusers layout), or spiece.model / tokenizer.json "
             f"(from google/t5-v1_1-xxl), in {files['t5'][0].parent}; or run without T5 (t5=False)"
         )
     if t5 is None and files["t5"] is None:
@@ -856,7 +866,8 @@ def parse_size(text: str) -> tuple:
     if min(width, height) < 16 or width % 16 or height % 16:
         fix = "x".join(str(max(16, round(n / 16) * 16)) for n in (width, height))
         raise argparse.ArgumentTypeError(
-            f"{text!r}: both sides must be positive multiples of 16 (the VAE divides by 8, the MMDiT's patches by 2); try {fix}"
+            f"{text!r}: both sides must be positive multiples of 16 "
+            f"(the VAE divides by 8, the MMDiT's patches by 2); try {fix}"
         )
     return width, height
 
@@ -890,15 +901,20 @@ def build_parser() -> argparse.ArgumentParser:
     g = commands.add_parser(
         "generate",
         help="draw a picture from a prompt (text-to-image; image-to-image with --image)",
-        description="Draw a picture from a prompt with SD3 / SD3.5. Options left unset take the model's recommended settings.",
+        description=(
+            "Draw a picture from a prompt with SD3 / SD3.5. Options left unset take the model's recommended settings."
+        ),
     )
     g.add_argument("prompt", help="what to draw (an empty string is allowed)")
     g.add_argument(
         "-m",
         "--model",
         default=os.environ.get("SD_BOOK_MODEL"),
-        help="a diffusers folder, a folder of Stability's single files, one sd3.5_*.safetensors, or a Hub repository id such as "
-        "stabilityai/stable-diffusion-3.5-medium (default: $SD_BOOK_MODEL, else the tiny SD3 shipped with sd_book)",
+        help=(
+            "a diffusers folder, a folder of Stability's single files, one sd3.5_*.safetensors, "
+            "or a Hub repository id such as stabilityai/stable-diffusion-3.5-medium "
+            "(default: $SD_BOOK_MODEL, else the tiny SD3 shipped with sd_book)"
+        ),
     )
     g.add_argument("-n", "--negative", default="", help="negative prompt: what to steer away from (default: empty)")
     g.add_argument(
@@ -986,7 +1002,10 @@ def _fail(message: str) -> int:
     return 1
 
 
-OOM_ADVICE = "try --offload (one model on the GPU at a time), --no-t5 (saves about 9 GiB), a smaller --size, or --dtype bf16 / fp16 if you chose fp32"
+OOM_ADVICE = (
+    "try --offload (one model on the GPU at a time), --no-t5 (saves about 9 GiB), "
+    "a smaller --size, or --dtype bf16 / fp16 if you chose fp32"
+)
 
 
 def _settings(pipe: SD3Pipeline, args, image=None) -> dict:

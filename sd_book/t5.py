@@ -78,7 +78,8 @@ class T5LayerNorm(RMSNorm):
 def relative_position_bucket(
     relative_position: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
 ) -> torch.Tensor:
-    "T5's bucket (same shape, long) of each relative position key - query: exact for small distances, logarithmic up to `max_distance`, one bucket beyond."
+    """T5's bucket (same shape, long) of each relative position key - query: exact for small distances, logarithmic
+    up to `max_distance`, one bucket beyond."""
     buckets = torch.zeros_like(relative_position, dtype=torch.long)
     if bidirectional:
         num_buckets //= 2
@@ -262,7 +263,8 @@ def t5_state(source, prefix: str | None = None) -> LazyStateDict:
         raise wrong_model_error(state, "a T5 encoder", "shared.weight")
     if "encoder.block.0.layer.1.DenseReluDense.wi.weight" in state:
         raise CheckpointError(
-            f"{state.source} is a T5 v1.0 checkpoint (ReLU feed-forward, DenseReluDense.wi): SD3 uses T5 v1.1, whose gated feed-forward has wi_0 and wi_1"
+            f"{state.source} is a T5 v1.0 checkpoint (ReLU feed-forward, DenseReluDense.wi): "
+            "SD3 uses T5 v1.1, whose gated feed-forward has wi_0 and wi_1"
         )
     return state
 
@@ -301,7 +303,8 @@ def load_t5(
     wo_fp32: bool | None = None,
     **overrides,
 ) -> T5Encoder:
-    "A T5 v1.1 encoder in eval mode from a .safetensors file, a transformers / diffusers folder (sharded or not), an SD3 single or all-in-one file or a state dict; an fp16 model keeps `wo` in fp32 unless `wo_fp32=False`."
+    """A T5 v1.1 encoder in eval mode from a .safetensors file, a transformers / diffusers folder (sharded or not), an
+    SD3 single or all-in-one file or a state dict; an fp16 model keeps `wo` in fp32 unless `wo_fp32=False`."""
     state = t5_state(source, prefix)
     config = t5_config(state, read_config(source), **overrides)
     if wo_fp32 is None:

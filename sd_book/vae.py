@@ -385,7 +385,8 @@ def _check_images(x: torch.Tensor, config: VAEConfig) -> None:
     C, f = config.in_channels, config.downsample_factor
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(
-            f"Expected images of shape (B, {C}, H, W), got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            f"Expected images of shape (B, {C}, H, W), got "
+            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
         )
     if x.shape[1] != C:
         raise ValueError(
@@ -399,14 +400,16 @@ def _check_images(x: torch.Tensor, config: VAEConfig) -> None:
     H, W = x.shape[-2:]
     if H % f or W % f:
         raise ValueError(
-            f"Image height and width must be multiples of {f}, got {H}x{W}: crop or pad to {H // f * f}x{W // f * f} or {-(-H // f) * f}x{-(-W // f) * f}"
+            f"Image height and width must be multiples of {f}, got {H}x{W}: crop or pad to "
+            f"{H // f * f}x{W // f * f} or {-(-H // f) * f}x{-(-W // f) * f}"
         )
     if x.is_meta:
         return  # shapes only: no values to check
     lo, hi = x.min().item(), x.max().item()
     if lo < -1.001 or hi > 1.001:
         warnings.warn(
-            f"Images should be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]: map bytes with x / 127.5 - 1, values in [0, 1] with 2 * x - 1",
+            f"Images should be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]: map bytes with x / 127.5 - 1, "
+            "values in [0, 1] with 2 * x - 1",
             stacklevel=3,
         )
 
@@ -416,7 +419,8 @@ def _check_latents(z: torch.Tensor, config: VAEConfig) -> None:
     C = config.latent_channels
     if not isinstance(z, torch.Tensor) or z.ndim != 4:
         raise ValueError(
-            f"Expected latents of shape (B, {C}, h, w), got {tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}"
+            f"Expected latents of shape (B, {C}, h, w), got "
+            f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}"
         )
     hint = {(4, 16): ": an SD 1/2 latent given to SD3's VAE?", (16, 4): ": an SD3 latent given to SD 1/2's VAE?"}.get(
         (z.shape[1], C), ""
@@ -684,7 +688,8 @@ def vae_config_from_state(state, **overrides) -> VAEConfig:
     groups = found.setdefault("norm_num_groups", 32)
     if any(c % groups for c in found["block_out_channels"]):
         raise CheckpointError(
-            f"Channels {found['block_out_channels']} cannot use {groups} GroupNorm groups (the weights do not say how many): pass norm_num_groups="
+            f"Channels {found['block_out_channels']} cannot use {groups} GroupNorm groups "
+            "(the weights do not say how many): pass norm_num_groups="
         )
     return VAEConfig(**found)
 
