@@ -829,6 +829,24 @@ def _save_pretrained(self, folder, dtype: torch.dtype | None = None) -> Path:
 
 SD3Pipeline._model_index, SD3Pipeline.save_pretrained = _model_index, _save_pretrained
 
+# %% ../nbs/11_pipeline.ipynb #1328aa51
+def _load_lora(self, path, scale: float = 1.0, name: str | None = None):
+    """Apply a LoRA file (diffusers / peft or kohya names) to this pipeline's MMDiT and CLIP towers at `scale`, under
+    `name` (default: the file's stem); chapter 15 derives it. Returns the attached LoRA."""
+    from sd_book.lora import load_lora  # chapter 15 builds on this module
+
+    return load_lora(self, path, scale, name)
+
+
+def _unload_lora(self, name: str | None = None) -> None:
+    "Remove the LoRA called `name`, or all of them: the pipeline draws as it did before loading."
+    from sd_book.lora import unload_lora
+
+    unload_lora(self, name)
+
+
+SD3Pipeline.load_lora, SD3Pipeline.unload_lora = _load_lora, _unload_lora
+
 # %% ../nbs/11_pipeline.ipynb #f4b01571
 @contextmanager
 def on_device(module: torch.nn.Module, device, offload_device=None):
@@ -902,7 +920,8 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="draw a picture from a prompt (text-to-image; image-to-image with --image)",
         description=(
-            "Draw a picture from a prompt with SD3 / SD3.5. Options left unset take the model's recommended settings."
+            "Draw a picture from a prompt with SD3 / SD3.5, or SD 1.x / 2.x (chapter 17). Options left unset take the "
+            "model's recommended settings."
         ),
     )
     g.add_argument("prompt", help="what to draw (an empty string is allowed)")
@@ -912,7 +931,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SD_BOOK_MODEL"),
         help=(
             "a diffusers folder, a folder of Stability's single files, one sd3.5_*.safetensors, "
-            "or a Hub repository id such as stabilityai/stable-diffusion-3.5-medium "
+            "or a Hub repository id such as stabilityai/stable-diffusion-3.5-medium; an SD 1.x / 2.x diffusers folder "
+            "or single .safetensors / .ckpt file also works "
             "(default: $SD_BOOK_MODEL, else the tiny SD3 shipped with sd_book)"
         ),
     )
@@ -926,7 +946,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="classifier-free guidance scale; 1 or less turns guidance off (default: recommended, else 7.0)",
     )
-    g.add_argument("--sampler", choices=SAMPLERS, help="ODE sampler (default: recommended, else euler)")
+    g.add_argument(
+        "--sampler",
+        choices=(*SAMPLERS, "ddim", "plms"),
+        help="sampler (default: recommended, else euler); ddim and plms are for SD 1 / 2 models",
+    )
     g.add_argument(
         "--shift",
         type=float,
@@ -950,6 +974,18 @@ def build_parser() -> argparse.ArgumentParser:
         "multiples of 16, else the model's recommended size, else 1024x1024)",
     )
     g.add_argument("-i", "--image", type=Path, help="input picture: image-to-image instead of text-to-image")
+    g.add_argument(
+        "--mask", type=Path, help="with --image: inpaint where the mask is white (SD 1 / 2 models, chapter 17)"
+    )
+    from sd_book.lora import add_train_lora_arguments, parse_lora_arg  # chapter 15 (it builds on this module)
+
+    g.add_argument(
+        "--lora",
+        type=parse_lora_arg,
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="apply a LoRA file (diffusers / peft or kohya names) at SCALE (default 1.0); repeatable",
+    )
     g.add_argument(
         "--strength",
         type=_fraction,
@@ -983,6 +1019,13 @@ def build_parser() -> argparse.ArgumentParser:
             description="Train the tiny SD3 of chapter 13: with no options, the model shipped with sd_book.",
         )
     )
+    add_train_lora_arguments(
+        commands.add_parser(
+            "train-lora",
+            help="train a LoRA on a folder of pictures with captions (name.png beside name.txt)",
+            description="Fine-tune an SD3 / SD3.5 model with LoRA as chapter 15 does, and save the LoRA file.",
+        )
+    )
     from sd_book.metrics import add_eval_arguments  # chapter 14
 
     add_eval_arguments(
@@ -1008,6 +1051,19 @@ OOM_ADVICE = (
 )
 
 
+def _guarded(run) -> int:
+    """`run()`'s exit status, with the errors a user can fix (a missing or unreadable file, a bad option, a download
+    refused, too little memory) printed as one line each and status 1."""
+    try:
+        return run()
+    except (OSError, DownloadError, ValueError) as e:
+        return _fail(str(e))  # CheckpointError is a ValueError; FileNotFoundError an OSError
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        return _fail(f"out of memory ({str(e).splitlines()[0][:120]}): {OOM_ADVICE}")
+
+
 def _settings(pipe: SD3Pipeline, args, image=None) -> dict:
     """pipe(...)'s settings for the options given: the rest from the model's recommended settings, then the library's
     (`pipe.settings`)."""
@@ -1025,7 +1081,19 @@ def _settings(pipe: SD3Pipeline, args, image=None) -> dict:
 # %% ../nbs/11_pipeline.ipynb #49a43976
 def _generate(args, parser) -> int:
     "The `generate` command: load, draw, save; returns the exit status."
+    from sd_book.ldm import generate_ldm, is_ldm_model  # chapters 15 and 17 build on this module
+    from sd_book.lora import apply_loras
+
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+
+    if args.model and is_ldm_model(args.model):
+        if args.lora:
+            return _fail("--lora is for SD3 / SD3.5 models; this is an SD 1 / 2 model")
+        return _guarded(lambda: generate_ldm(args))
+    if args.mask:
+        return _fail(
+            "--mask: inpainting from the command line is for SD 1 / 2 models so far; for SD3 use --image alone"
+        )
     if not args.model:
         say(
             "no --model given and SD_BOOK_MODEL is not set: using the tiny SD3 shipped with sd_book "
@@ -1041,11 +1109,13 @@ def _generate(args, parser) -> int:
         )
     seed = random.randrange(2**32) if args.seed is None else args.seed
     start = time.perf_counter()
-    try:
+
+    def draw() -> int:
         say(f"loading {args.model or 'the shipped tiny SD3'} ...")
         pipe = SD3Pipeline.from_pretrained(
             args.model, dtype=args.dtype, device=args.device, t5=False if args.no_t5 else None, offload=args.offload
         )
+        apply_loras(pipe, args.lora)
         settings = _settings(pipe, args, image)
         say(f"{pipe}\nseed {seed}, " + ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None))
         pictures = pipe(
@@ -1059,12 +1129,11 @@ def _generate(args, parser) -> int:
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pictures[0].save(args.out)
-    except (FileNotFoundError, DownloadError, ValueError) as e:
-        return _fail(str(e))  # CheckpointError is a ValueError
-    except RuntimeError as e:
-        if "out of memory" not in str(e).lower():
-            raise
-        return _fail(f"out of memory ({str(e).splitlines()[0][:120]}): {OOM_ADVICE}")
+        return 0
+
+    status = _guarded(draw)
+    if status:
+        return status
     say(f"{time.perf_counter() - start:.1f} s")
     print(args.out)
     return 0
@@ -1081,6 +1150,10 @@ def main(argv=None) -> int:
         from sd_book.train import train_command
 
         return train_command(args)
+    if args.command == "train-lora":
+        from sd_book.lora import train_lora_command
+
+        return train_lora_command(args)
     if args.command == "eval":
         from sd_book.metrics import eval_command
 

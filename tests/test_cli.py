@@ -44,7 +44,7 @@ def test_console_script_help():
     assert script.exists(), "the console script is missing: pip install -e . --no-deps"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("generate", "--model", "--negative", "--steps", "--guidance", "--seed", "--size", "--out", "--image", "--strength",
-                   "--dtype", "--device", "--no-t5", "--offload", "--sampler", "--shift"):
+                   "--dtype", "--device", "--no-t5", "--offload", "--sampler", "--shift", "--lora", "--mask", "train-lora"):
         assert option in out
 
 
@@ -88,3 +88,80 @@ def test_out_of_memory(capsys, monkeypatch, tiny_folder, tmp_path):
 def test_no_command_prints_help(capsys):
     status, out, err = run(capsys)
     assert status == 2 and "generate" in err
+
+
+def test_lora_option_applies_the_file_at_its_scale(capsys, tmp_path):
+    "--lora PATH:SCALE on the shipped model: scale 0 draws what no LoRA draws, scale 1 something else."
+    from sd_book.lora import DEFAULT_TARGETS, add_lora, pipe_root, save_lora
+
+    torch.manual_seed(0)
+    lora = add_lora(pipe_root(pipeline.SD3Pipeline.from_pretrained()), 4, 8, DEFAULT_TARGETS)
+    for _, update in lora.items():
+        update.B.data.normal_(std=0.05)
+    save_lora(lora, tmp_path / "style.safetensors")
+    pictures = {}
+    for name, extra in [("none", []), ("zero", ["--lora", f"{tmp_path / 'style.safetensors'}:0"]),
+                        ("one", ["--lora", tmp_path / "style.safetensors"])]:
+        status, out, err = run(capsys, "generate", "a photo of a red circle", "--seed", 0, "--steps", 4, "-q",
+                               "--out", tmp_path / f"{name}.png", *extra)
+        assert status == 0, err
+        pictures[name] = torch.tensor(list(Image.open(tmp_path / f"{name}.png").tobytes()), dtype=torch.float32)
+    assert torch.equal(pictures["zero"], pictures["none"])
+    assert (pictures["one"] - pictures["none"]).abs().max() > 1
+
+
+def test_lora_option_errors(capsys, tmp_path):
+    status, out, err = run(capsys, "generate", "a cat", "--lora", tmp_path / "missing.safetensors", "-q")
+    assert status == 1 and "missing.safetensors" in err
+
+
+def test_mask_is_for_sd12_models(capsys, tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    status, out, err = run(capsys, "generate", "a cat", "--image", tmp_path / "in.png", "--mask", tmp_path / "in.png")
+    assert status == 1 and "--mask" in err and "SD 1 / 2" in err
+
+
+def _tiny_sd1(folder):
+    "A tiny random SD 1-like pipeline, built and saved by diffusers (the oracle of chapter 17)."
+    import diffusers
+    import transformers
+
+    from sd_book.bpe import CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4)
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
+    CLIPTokenizer().save_pretrained(folder / "tok", model_max_length=77)
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=clip, tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tok"), unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_generate_runs_sd12_models_through_chapter_17(capsys, tmp_path):
+    "An SD 1 folder goes to LDMPipeline: the same picture as calling it directly, --mask for inpainting, --lora refused."
+    from sd_book.ldm import LDMPipeline
+
+    model = _tiny_sd1(tmp_path / "sd1")
+    status, out, err = run(capsys, "generate", "a cat", "--model", model, "--seed", 3, "--steps", 3, "--size", "32x32",
+                           "--sampler", "ddim", "-q", "--out", tmp_path / "cli.png")
+    assert status == 0, err
+    direct = LDMPipeline.from_pretrained(model)("a cat", "", 32, 32, 3, None, seed=3, sampler="ddim", progress=False)[0]
+    assert Image.open(tmp_path / "cli.png").tobytes() == direct.tobytes()
+    Image.new("RGB", (35, 34), (200, 30, 30)).save(tmp_path / "in.png")  # rounded down to the model's multiple, 4
+    Image.new("L", (35, 34), 255).save(tmp_path / "mask.png")
+    status, out, err = run(capsys, "generate", "a cat", "--model", model, "--image", tmp_path / "in.png",
+                           "--mask", tmp_path / "mask.png", "--steps", 2, "-q", "--out", tmp_path / "inpaint.png")
+    assert status == 0, err
+    assert Image.open(tmp_path / "inpaint.png").size == (32, 32)
+    status, out, err = run(capsys, "generate", "a cat", "--model", model, "--lora", tmp_path / "x.safetensors")
+    assert status == 1 and "--lora is for SD3" in err
