@@ -246,7 +246,8 @@ def validate_clip_bpe(vocab: dict, merges: list, source: str = "the vocabulary")
     missing = [t for c in BYTE_ENCODER.values() for t in (c, c + "</w>") if t not in vocab]
     if missing:
         raise ValueError(
-            f"{source}: {len(missing)} byte-level tokens are missing (e.g. {missing[:3]}); expected a CLIP vocabulary with all 512 byte tokens"
+            f"{source}: {len(missing)} byte-level tokens are missing (e.g. {missing[:3]}); "
+            "expected a CLIP vocabulary with all 512 byte tokens"
         )
     for k, m in enumerate(merges):
         if len(m) != 2 or not all(isinstance(t, str) for t in m):
@@ -557,7 +558,10 @@ class CLIPTokenizer(ByteLevelBPE):
         self._normalized = added_token_pattern(list(self._normalized_ids))
 
     def __repr__(self):
-        return f"CLIPTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+        return (
+            f"CLIPTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
+            f"pad_id={self.pad_id})"
+        )
 
     def encode(self, text: str) -> list:
         "Token ids of `text`, without BOS and EOS."

@@ -69,16 +69,19 @@ def _check_entries(path, header: dict, data_len: int) -> None:
             and len(e["data_offsets"]) == 2
         ):
             raise CheckpointError(
-                f"{path}: entry {name!r} should be {{'dtype': str, 'shape': [ints], 'data_offsets': [begin, end]}}, got {e!r}"
+                f"{path}: entry {name!r} should be {{'dtype': str, 'shape': [ints], 'data_offsets': [begin, end]}}, "
+                f"got {e!r}"
             )
         (begin, end), dtype = e["data_offsets"], SAFETENSORS_DTYPES.get(e["dtype"])
         if not begin <= end <= data_len:
             raise CheckpointError(
-                f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] outside the data buffer of {data_len} bytes: truncated file?"
+                f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] outside the data buffer of "
+                f"{data_len} bytes: truncated file?"
             )
         if dtype is not None and end - begin != math.prod(e["shape"]) * dtype.itemsize:
             raise CheckpointError(
-                f"{path}: tensor {name!r} ({e['dtype']}, shape {e['shape']}) needs {math.prod(e['shape']) * dtype.itemsize} bytes but its data_offsets span {end - begin}"
+                f"{path}: tensor {name!r} ({e['dtype']}, shape {e['shape']}) needs "
+                f"{math.prod(e['shape']) * dtype.itemsize} bytes but its data_offsets span {end - begin}"
             )
         spans.append((begin, end, name))
     covered, previous = 0, None
@@ -112,7 +115,8 @@ def read_safetensors_header(path) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", f.read(8))  # unsigned 64-bit, little-endian
         if n > size - 8:
             raise CheckpointError(
-                f"{path}: header length {n} runs past the end of the file ({size} bytes): truncated, or not a safetensors file"
+                f"{path}: header length {n} runs past the end of the file ({size} bytes): "
+                "truncated, or not a safetensors file"
             )
         if n > MAX_HEADER_BYTES:
             raise CheckpointError(
@@ -134,7 +138,8 @@ def load_safetensors_by_hand(path) -> dict:
     -> tensor."""
     if sys.byteorder != "little":
         raise NotImplementedError(
-            "safetensors stores little-endian bytes; this decoder reinterprets them in place, so it needs a little-endian machine"
+            "safetensors stores little-endian bytes; this decoder reinterprets them in place, "
+            "so it needs a little-endian machine"
         )
     header, start = read_safetensors_header(path)
     tensors = {}
@@ -144,7 +149,8 @@ def load_safetensors_by_hand(path) -> dict:
                 continue
             if e["dtype"] not in SAFETENSORS_DTYPES:
                 raise CheckpointError(
-                    f"{path}: tensor {name!r} has dtype {e['dtype']}, which this decoder does not know (known: {', '.join(SAFETENSORS_DTYPES)})"
+                    f"{path}: tensor {name!r} has dtype {e['dtype']}, which this decoder does not know "
+                    f"(known: {', '.join(SAFETENSORS_DTYPES)})"
                 )
             dtype, (begin, end) = SAFETENSORS_DTYPES[e["dtype"]], e["data_offsets"]
             buf = bytearray(end - begin)
@@ -211,7 +217,8 @@ def _tensor_getters(tensors: Mapping, source: str) -> dict:
     bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(
-            f"{source} should map names to tensors, but {_few(bad)} {'is not a tensor' if len(bad) == 1 else 'are not tensors'}"
+            f"{source} should map names to tensors, but {_few(bad)} "
+            f"{'is not a tensor' if len(bad) == 1 else 'are not tensors'}"
         )
     return {k: (lambda v=v: v) for k, v in tensors.items()}
 
@@ -226,7 +233,8 @@ def _open_pickle(path: Path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError) as e:
         raise CheckpointError(
-            f"{path}: torch.load(weights_only=True, mmap=True) refused it ({str(e).splitlines()[0]}); re-save the weights as safetensors"
+            f"{path}: torch.load(weights_only=True, mmap=True) refused it ({str(e).splitlines()[0]}); "
+            "re-save the weights as safetensors"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # training checkpoints nest the weights
@@ -253,7 +261,8 @@ def _open_index(path: Path) -> dict:
     absent = [k for k, shard in weight_map.items() if k not in shards[shard]]
     if absent:
         raise CheckpointError(
-            f"{path}: the shards lack {_few(absent)} ({len(absent)} of the keys in weight_map): incomplete or mismatched download?"
+            f"{path}: the shards lack {_few(absent)} ({len(absent)} of the keys in weight_map): "
+            "incomplete or mismatched download?"
         )
     return {k: shards[shard][k] for k, shard in weight_map.items()}
 
@@ -267,7 +276,8 @@ def _open_file(path: Path) -> dict:
     if path.suffix in PICKLE_SUFFIXES:
         return _open_pickle(path)
     raise CheckpointError(
-        f"{path}: unknown checkpoint type; expected .safetensors, a sharded *.index.json, or a torch pickle ({', '.join(PICKLE_SUFFIXES)})"
+        f"{path}: unknown checkpoint type; expected .safetensors, a sharded *.index.json, or a torch pickle "
+        f"({', '.join(PICKLE_SUFFIXES)})"
     )
 
 # %% ../nbs/05_checkpoints.ipynb #97b6822a
@@ -286,7 +296,8 @@ def find_weights(folder) -> Path:
             return (standard or found)[0]
         if found:
             raise CheckpointError(
-                f"{folder} holds several weight files matching {pattern} ({_few(p.name for p in found)}) and no index: pass the file you want"
+                f"{folder} holds several weight files matching {pattern} ({_few(p.name for p in found)}) and no index: "
+                "pass the file you want"
             )
     below = sorted({p.parent.name for pattern in WEIGHT_PATTERNS[:2] for p in folder.glob("*/" + pattern)})
     hint = f"; its subfolders {', '.join(below)} hold weights: pass one of them" if below else ""
@@ -305,7 +316,8 @@ def open_checkpoint(source) -> LazyStateDict:
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"No checkpoint at {path}: expected a .safetensors file, an *.index.json, a torch pickle or a folder holding one (for a Hub repository, `download` it first)"
+            f"No checkpoint at {path}: expected a .safetensors file, an *.index.json, a torch pickle or a folder "
+            "holding one (for a Hub repository, `download` it first)"
         )
     if path.is_dir():
         path = find_weights(path)
@@ -476,7 +488,10 @@ def _prefix_hint(missing: list, unexpected: list) -> str:
     if not counts:
         return ""
     prefix = counts.most_common(1)[0][0]
-    return f" (the unexpected keys look like the missing ones under the prefix {prefix!r}: load with prefix={prefix!r} or strip_prefix)"
+    return (
+        f" (the unexpected keys look like the missing ones under the prefix {prefix!r}: "
+        f"load with prefix={prefix!r} or strip_prefix)"
+    )
 
 # %% ../nbs/05_checkpoints.ipynb #f1d8bbdc
 def _check_state(module: torch.nn.Module, state: Mapping, strict: bool) -> dict:
@@ -510,7 +525,8 @@ def _check_state(module: torch.nn.Module, state: Mapping, strict: bool) -> dict:
 def load_into(
     module_or_factory, state, strict: bool = True, dtype: torch.dtype | None = None, device=None
 ) -> torch.nn.Module:
-    "Load `state` (anything `open_checkpoint` takes) into a module, or into the one a factory builds on the meta device, by assigning the checkpoint's tensors: no second copy."
+    """Load `state` (anything `open_checkpoint` takes) into a module, or into the one a factory builds on the meta
+    device, by assigning the checkpoint's tensors: no second copy."""
     if isinstance(module_or_factory, torch.nn.Module):
         module = module_or_factory
     else:
@@ -524,7 +540,8 @@ def load_into(
     left = [n for n, t in chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointMismatchError(
-            f"{type(module).__name__}: {_count('', left).strip()} still on the meta device after loading. Non-persistent buffers are not in checkpoints: "
+            f"{type(module).__name__}: {_count('', left).strip()} still on the meta device after loading. "
+            "Non-persistent buffers are not in checkpoints: "
             "compute them in forward, or pass a module built on a real device instead of a factory"
         )
     return module
@@ -534,7 +551,10 @@ class DownloadError(OSError):
     "A Hugging Face Hub download that failed, with what to do about it."
 
 
-_LOGIN = "set HF_TOKEN=hf_... (a token from https://huggingface.co/settings/tokens) or run `hf auth login` (`huggingface-cli login` in older versions)"
+_LOGIN = (
+    "set HF_TOKEN=hf_... (a token from https://huggingface.co/settings/tokens) or run `hf auth login` "
+    "(`huggingface-cli login` in older versions)"
+)
 
 
 def _explain_hub_error(e: Exception, repo_id: str, filename: str | None, revision: str | None) -> str | None:
@@ -543,13 +563,23 @@ def _explain_hub_error(e: Exception, repo_id: str, filename: str | None, revisio
 
     what = f"{filename!r} from {repo_id}" if filename else repo_id
     if isinstance(e, errors.GatedRepoError):
-        return f"{repo_id} is a gated repository: open https://huggingface.co/{repo_id} while logged in and accept its licence, then {_LOGIN} with a token of that account. ({e})"
+        return (
+            f"{repo_id} is a gated repository: open https://huggingface.co/{repo_id} while logged in and accept its "
+            f"licence, then {_LOGIN} with a token of that account. ({e})"
+        )
     if isinstance(e, errors.RepositoryNotFoundError):
-        return f"No repository {repo_id!r} on the Hub, or it is private or gated and no valid token was sent: check the name, and {_LOGIN}. ({e})"
+        return (
+            f"No repository {repo_id!r} on the Hub, or it is private or gated and no valid token was sent: "
+            f"check the name, and {_LOGIN}. ({e})"
+        )
     if isinstance(e, errors.RevisionNotFoundError):
         return f"{repo_id} has no revision {revision!r}: use a branch, tag or commit hash that exists. ({e})"
     if isinstance(e, errors.LocalEntryNotFoundError):
-        return f"{what} is not in the local cache and the Hub cannot be reached: there is no network, or HF_HUB_OFFLINE=1 is set (offline mode only uses the cache). Download once with network, or pass a local path. ({e})"
+        return (
+            f"{what} is not in the local cache and the Hub cannot be reached: there is no network, or "
+            "HF_HUB_OFFLINE=1 is set (offline mode only uses the cache). Download once with network, "
+            f"or pass a local path. ({e})"
+        )
     if isinstance(e, errors.EntryNotFoundError):
         return f"{repo_id} has no file {filename!r} (at revision {revision or 'main'}): check the file name. ({e})"
     if isinstance(e, errors.HfHubHTTPError) and getattr(e.response, "status_code", None) in (401, 403):
@@ -565,7 +595,8 @@ def download(
     token: str | None = None,
     cache_dir=None,
 ) -> str:
-    "Local path of `filename` from a Hub repository, or of a snapshot of it (only files matching `allow_patterns`); an existing local path is returned as it is."
+    """Local path of `filename` from a Hub repository, or of a snapshot of it (only files matching `allow_patterns`);
+    an existing local path is returned as it is."""
     local = Path(repo_id).expanduser()
     if local.exists():
         if filename is None:

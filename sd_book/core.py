@@ -178,14 +178,16 @@ def randn(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    "Standard normal noise drawn in fp32 on the CPU (from `generator`, or a new one seeded with `seed`), then moved to `device` and `dtype`."
+    """Standard normal noise drawn in fp32 on the CPU (from `generator`, or a new one seeded with `seed`), then moved to
+    `device` and `dtype`."""
     if generator is not None and seed is not None:
         raise ValueError("Pass either `seed` or `generator`, not both")
     if generator is None:
         generator = cpu_generator(seed)
     if generator.device.type != "cpu":
         raise ValueError(
-            f"`generator` must be a CPU generator (got one on {generator.device}): noise is drawn on the CPU so that a seed gives the same picture on every device"
+            f"`generator` must be a CPU generator (got one on {generator.device}): noise is drawn on the CPU so that a "
+            "seed gives the same picture on every device"
         )
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 

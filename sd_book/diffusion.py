@@ -30,7 +30,8 @@ def require_positive_int(value, name: str) -> int:
 def two_moons(
     n: int, noise: float = 0.05, seed: int | None = 0, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    "`n` points (n, 2) from two interleaved half circles with Gaussian jitter `noise`, standardised to mean ~0 and std ~1 per coordinate."
+    """`n` points (n, 2) from two interleaved half circles with Gaussian jitter `noise`,
+    standardised to mean ~0 and std ~1 per coordinate."""
     require_positive_int(n, "n")
     g = generator if generator is not None else cpu_generator(seed)
     theta = torch.rand(n, generator=g) * math.pi  # (n,)
@@ -49,7 +50,8 @@ def linear_betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta
 def scaled_linear_betas(
     num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
 ) -> torch.Tensor:
-    "Stable Diffusion 1/2's schedule: betas whose square roots are evenly spaced from sqrt(`beta_start`) to sqrt(`beta_end`)."
+    """Stable Diffusion 1/2's schedule: betas whose square roots are evenly spaced from sqrt(`beta_start`) to
+    sqrt(`beta_end`)."""
     require_positive_int(num_train_timesteps, "num_train_timesteps")
     return (torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2).float()
 
@@ -66,7 +68,8 @@ def per_example(values: torch.Tensor, like: torch.Tensor, name: str = "values") 
     checks B."""
     if values.ndim > 1 or (values.ndim == 1 and len(values) != like.shape[0]):
         raise ValueError(
-            f"{name} must be a number or a tensor of shape ({like.shape[0]},) for a batch of {like.shape[0]}, got shape {tuple(values.shape)}"
+            f"{name} must be a number or a tensor of shape ({like.shape[0]},) for a batch of {like.shape[0]}, "
+            f"got shape {tuple(values.shape)}"
         )
     return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim else values
 
@@ -198,7 +201,8 @@ def train_toy(
     seed: int = 0,
     progress: bool = True,
 ) -> list:
-    "Train `model` on minibatches of `data` (N, ...) with `loss_fn(model, x0, generator)`, Adam and cosine decay; returns the losses."
+    """Train `model` on minibatches of `data` (N, ...) with `loss_fn(model, x0, generator)`, Adam and cosine decay;
+    returns the losses."""
     require_positive_int(steps, "steps")
     g, device = cpu_generator(seed), model_device(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -232,7 +236,8 @@ def ddpm_step(
     noise: torch.Tensor | None = None,
     prediction_type: str = "epsilon",
 ) -> torch.Tensor:
-    "One ancestral step from timestep t to t_prev (< t; -1 means the clean data): the posterior mean plus sqrt(posterior variance) * `noise`."
+    """One ancestral step from timestep t to t_prev (< t; -1 means the clean data): the posterior mean plus
+    sqrt(posterior variance) * `noise`."""
     ab_t, ab_prev = _alpha_bar_pair(alpha_bars, int(t), int(t_prev))
     x0, _ = predict_x0_eps(model_output, x_t, ab_t, prediction_type)
     alpha, beta = ab_t / ab_prev, 1 - ab_t / ab_prev  # the effective one-step alpha and beta
@@ -253,7 +258,8 @@ def ddim_step(
     noise: torch.Tensor | None = None,
     prediction_type: str = "epsilon",
 ) -> torch.Tensor:
-    "One DDIM step from timestep t to t_prev (-1 = clean data): deterministic for eta=0, DDPM's step for eta=1 (then `noise` is needed)."
+    """One DDIM step from timestep t to t_prev (-1 = clean data): deterministic for eta=0, DDPM's step for eta=1
+    (then `noise` is needed)."""
     ab_t, ab_prev = _alpha_bar_pair(alpha_bars, int(t), int(t_prev))
     x0, eps = predict_x0_eps(model_output, x_t, ab_t, prediction_type)
     sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
@@ -291,7 +297,8 @@ def reverse_diffusion(
     progress: bool = True,
     return_trajectory: bool = False,
 ):
-    "Denoise `x` from timesteps[0] down to clean data with DDIM steps of `eta` (1 = DDPM); optionally also return every intermediate x."
+    """Denoise `x` from timesteps[0] down to clean data with DDIM steps of `eta` (1 = DDPM); optionally also return
+    every intermediate x."""
     ts, trajectory = [int(t) for t in timesteps], [x]
     for i, t in enumerate(tqdm(ts, disable=not progress, desc="sampling")):
         out = model(x, torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype))

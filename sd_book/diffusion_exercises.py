@@ -15,7 +15,8 @@ from .testing import Case, run_checks
 
 # %% ../nbs/01_diffusion_solutions.ipynb #6ece08b4
 def cosine_alpha_bars(num_train_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    "The cosine schedule's alpha_bars (T,): betas from f(tau) = cos^2((tau + s) / (1 + s) * pi / 2), capped at max_beta."
+    """The cosine schedule's alpha_bars (T,): betas from f(tau) = cos^2((tau + s) / (1 + s) * pi / 2), capped at
+    max_beta."""
     f = lambda tau: math.cos((tau + s) / (1 + s) * math.pi / 2) ** 2
     T = num_train_timesteps
     betas = torch.tensor([min(1 - f((t + 1) / T) / f(t / T), max_beta) for t in range(T)], dtype=torch.float64)

@@ -33,7 +33,8 @@ def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
 def logit_normal_timesteps(
     n: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    "`n` training times t = sigmoid(u) in (0, 1), u ~ N(mean, std^2), drawn in float32 from a CPU generator (SD3's 'logit_normal')."
+    """`n` training times t = sigmoid(u) in (0, 1), u ~ N(mean, std^2),
+    drawn in float32 from a CPU generator (SD3's 'logit_normal')."""
     require_positive_int(n, "n")
     if std <= 0:
         raise ValueError(f"std must be positive, got {std}")
@@ -76,7 +77,8 @@ def euler_sample(
     progress: bool = True,
     return_trajectory: bool = False,
 ):
-    "Integrate the model's velocity from x at sigmas[0] through the decreasing `sigmas` with Euler steps; the model sees timesteps 1000 sigma."
+    """Integrate the model's velocity from x at sigmas[0] through the decreasing `sigmas` with Euler steps; the model
+    sees timesteps 1000 sigma."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
     if sigmas.ndim != 1 or len(sigmas) < 2 or not (sigmas.diff() < 0).all():
         raise ValueError("sigmas must be a decreasing 1D sequence of at least 2 noise levels")
@@ -120,7 +122,10 @@ class FlowMatchEulerScheduler:
 
     def __repr__(self):
         n = None if self.timesteps is None else len(self.timesteps)
-        return f"FlowMatchEulerScheduler(num_train_timesteps={self.num_train_timesteps}, shift={self.shift}, num_inference_steps={n})"
+        return (
+            f"FlowMatchEulerScheduler(num_train_timesteps={self.num_train_timesteps}, shift={self.shift}, "
+            f"num_inference_steps={n})"
+        )
 
 # %% ../nbs/02_flow.ipynb #beb5f9fa
 def _set_timesteps(self: FlowMatchEulerScheduler, num_inference_steps: int, device=None):
@@ -150,7 +155,8 @@ def _index_for_timestep(self: FlowMatchEulerScheduler, timestep) -> torch.Tensor
     if not matches.any(1).all():
         bad = t.reshape(-1)[~matches.any(1)][0].item()
         raise ValueError(
-            f"timestep {bad} is not in the schedule: pass one of scheduler.timesteps (from {self.timesteps[0].item():g} down to {self.timesteps[-1].item():g}), not a step index"
+            f"timestep {bad} is not in the schedule: pass one of scheduler.timesteps "
+            f"(from {self.timesteps[0].item():g} down to {self.timesteps[-1].item():g}), not a step index"
         )
     return matches.float().argmax(1).reshape(t.shape)  # first match
 
@@ -183,7 +189,8 @@ def flow_sample(
     progress: bool = True,
     return_trajectory: bool = False,
 ):
-    "Sample `shape` from a velocity model from seeded noise: `euler_sample` on the sigmas of `FlowMatchEulerScheduler(shift)` with `num_steps` steps."
+    """Sample `shape` from a velocity model from seeded noise: `euler_sample` on the sigmas of
+    `FlowMatchEulerScheduler(shift)` with `num_steps` steps."""
     sigmas = FlowMatchEulerScheduler(shift=shift).set_timesteps(num_steps).sigmas
     x = randn(shape, seed=seed, device=model_device(model))
     return euler_sample(model, x, sigmas, progress=progress, return_trajectory=return_trajectory)

@@ -48,7 +48,8 @@ from sd_book.world import (
 
 # %% ../nbs/14_eval.ipynb #1b91ef81
 def sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
-    "The symmetric square root of a symmetric positive semi-definite matrix (eigenvalues below 0 by rounding count as 0)."
+    """The symmetric square root of a symmetric positive semi-definite matrix
+    (eigenvalues below 0 by rounding count as 0)."""
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
     return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
 
@@ -84,7 +85,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 # %% ../nbs/14_eval.ipynb #2f2078d5
 def gaussian_stats(features) -> tuple:
-    "(mean (D,), covariance (D, D)) of `features` (N, D), rows are samples, in float64; the covariance divides by N - 1."
+    """(mean (D,), covariance (D, D)) of `features` (N, D), rows are samples, in float64;
+    the covariance divides by N - 1."""
     x = _as_float64(features, "features", 2)
     if len(x) < 2:
         raise ValueError(f"A covariance needs at least 2 samples, got {len(x)}")
@@ -509,7 +511,8 @@ def format_table(table: dict) -> str:
 
 # %% ../nbs/14_eval.ipynb #c8ea964f
 def save_geneval_folder(folder, pictures: list, jobs: list) -> None:
-    "Write `pictures` in GenEval's layout: <folder>/<prompt index, 5 digits>/metadata.jsonl and samples/<k, 4 digits>.png."
+    """Write `pictures` in GenEval's layout:
+    <folder>/<prompt index, 5 digits>/metadata.jsonl and samples/<k, 4 digits>.png."""
     folder, index, previous, k = Path(folder), -1, None, 0
     for picture, m in zip(pictures, jobs):
         if m is not previous:

@@ -37,7 +37,8 @@ def describe_mismatch(got, expected, atol: float = 1e-5, rtol: float = 1e-5, whe
         if got.isnan().any() and not expected.isnan().any():
             return f"{where} contains NaN"
         if not torch.allclose(got, expected, atol=atol, rtol=rtol, equal_nan=True):
-            return f"{where} differs by up to {(got - expected).abs().nan_to_num(0).max().item():.3g} (tolerance {atol:g} + {rtol:g}*|expected|)"
+            worst = (got - expected).abs().nan_to_num(0).max().item()
+            return f"{where} differs by up to {worst:.3g} (tolerance {atol:g} + {rtol:g}*|expected|)"
         return None
     if isinstance(expected, (list, tuple)):
         if not isinstance(got, (list, tuple)):
@@ -76,7 +77,8 @@ def run_checks(
     compare=None,
     verbose: bool = True,
 ) -> bool:
-    "Run `fn` and `reference` on each hidden case; print a pass or the first failing case and how it failed; return True if all pass."
+    """Run `fn` and `reference` on each hidden case; print a pass or the first failing case and how it failed; return
+    True if all pass."""
     name = name or getattr(reference, "__name__", "function")
     compare = compare or (lambda got, expected: describe_mismatch(got, expected, atol, rtol))
     if getattr(fn, "__module__", None) and fn.__module__.split(".")[0] == "sd_book":
@@ -97,7 +99,8 @@ def run_checks(
             return False
         except Exception as e:
             say(
-                f"✗ {name}: case {i}/{len(cases)} ({case.name}) raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=-1)}"
+                f"✗ {name}: case {i}/{len(cases)} ({case.name}) raised {type(e).__name__}: {e}\n"
+                f"{traceback.format_exc(limit=-1)}"
             )
             return False
         if msg := compare(got, expected):

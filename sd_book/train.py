@@ -491,7 +491,8 @@ def train_tiny_sd3(
     data = world_data(config.scenes, config.seed, progress and rank == 0)
     tokenizers = train_clip_tokenizers([c for caps in data.captions for c in caps])
     log(
-        f"world: {len(data.images):,} pictures, {sum(map(len, data.captions)):,} captions; tokenizer: {tokenizers[0].vocab_size} tokens"
+        f"world: {len(data.images):,} pictures, {sum(map(len, data.captions)):,} captions; "
+        f"tokenizer: {tokenizers[0].vocab_size} tokens"
     )
     torch.manual_seed(config.seed)
     vae = AutoencoderKL(config.vae_config())
@@ -515,7 +516,8 @@ def train_tiny_sd3(
     )
     vae.config = replace(vae.config, scaling_factor=fmt.scale, shift_factor=fmt.shift)
     log(
-        f"VAE: {num_params(vae):,} parameters, loss {sum(vae_fit['loss'][-50:]) / 50:.1f} per picture; latent scale {fmt.scale:.4f}, shift {fmt.shift:.4f}"
+        f"VAE: {num_params(vae):,} parameters, loss {sum(vae_fit['loss'][-50:]) / 50:.1f} per picture; "
+        f"latent scale {fmt.scale:.4f}, shift {fmt.shift:.4f}"
     )
     torch.manual_seed(config.seed)
     model = TextToImage(
@@ -585,11 +587,13 @@ def model_card(config: TinySD3Config, log: dict, command: str, sizes: dict) -> s
     rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in final.items() if k not in ("step", "weights"))
     table = f"| task | score |\n|---|---|\n{rows}" if rows else "Not scored (the run was made with --eval-every 0)."
     settings = ", ".join(f"{k}={v!r}" for k, v in config.recommended.items())
-    threads = torch.get_num_threads()
+    threads, hardware = torch.get_num_threads(), "GPU" if torch.cuda.is_available() else "CPU"
     return f"""# {TINY_NAME}
 
-A tiny Stable Diffusion 3 trained from scratch by `sd_book` (chapter 13 of the book) on the synthetic world of chapter 12:
-64 x 64 pictures of red, yellow, green, blue, black and white circles, squares and triangles, captioned with GenEval's prompt templates.
+A tiny Stable Diffusion 3 trained from scratch by `sd_book` (chapter 13 of the book) on the synthetic world \
+of chapter 12:
+64 x 64 pictures of red, yellow, green, blue, black and white circles, squares and triangles, captioned with \
+GenEval's prompt templates.
 Same architecture and file layout as SD3, without T5: diffusers loads this folder with
 `StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)`.
 
@@ -604,17 +608,21 @@ Recommended settings (`pipe.recommended`, used when left unset): {settings}.
 ## How it was made
 
 - command: `{command}`
-- seed {config.seed}; {config.scenes:,} scenes of `sd_book.world.make_scenes`, held-out pairs never shown: blue triangle, yellow circle
+- seed {config.seed}; {config.scenes:,} scenes of `sd_book.world.make_scenes`, held-out pairs never shown: \
+blue triangle, yellow circle
 - sizes: {", ".join(f"{k} {v:,} parameters" for k, v in sizes.items())}
-- VAE: {config.vae_steps} steps of {config.vae_batch}; text towers and MMDiT together: {config.steps} steps of {config.batch_size}, lr {config.lr},
+- VAE: {config.vae_steps} steps of {config.vae_batch}; text towers and MMDiT together: \
+{config.steps} steps of {config.batch_size}, lr {config.lr},
   caption dropout {config.caption_dropout} per encoder, EMA {config.ema_decay}; the EMA weights are saved, in fp16
-- time: {log["seconds"] / 60:.1f} minutes ({threads} thread{"s" if threads > 1 else ""} per process, {"GPU" if torch.cuda.is_available() else "CPU"})
+- time: {log["seconds"] / 60:.1f} minutes ({threads} thread{"s" if threads > 1 else ""} per process, {hardware})
 - config: `{json.dumps(asdict(config))}`
 
 ## Scores
 
-GenEval's six tasks over the world's vocabulary (every prompt, 4 pictures each, recommended settings), from `sd_book.train.scores`;
-`overall` is the mean of the six task scores on prompts without held-out pairs, `held_out` the fraction correct on the prompts with one:
+GenEval's six tasks over the world's vocabulary (every prompt, 4 pictures each, recommended settings), \
+from `sd_book.train.scores`;
+`overall` is the mean of the six task scores on prompts without held-out pairs, \
+`held_out` the fraction correct on the prompts with one:
 
 {table}
 """

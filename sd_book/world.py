@@ -433,7 +433,8 @@ def summarize(results: list) -> dict:
 
 # %% ../nbs/12_world.ipynb #b5ef4024
 def geneval_jobs(prompts: list | None = None, images_per_prompt: int = 4) -> list:
-    "The pictures GenEval asks for: each prompt's metadata (default: all of `geneval_prompts`) `images_per_prompt` times."
+    """The pictures GenEval asks for: each prompt's metadata
+    (default: all of `geneval_prompts`) `images_per_prompt` times."""
     prompts = geneval_prompts() if prompts is None else prompts
     return [m for m in prompts for _ in range(images_per_prompt)]
 
