@@ -6,17 +6,24 @@ import torch
 from sd_book.checkpoints import CheckpointError
 from sd_book.unet import LDM_UNET_PREFIX, UNetConfig, UNetModel, load_unet, save_unet
 
-torch.set_grad_enabled(False)
 CONFIG = UNetConfig.tiny(channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 1), context_dim=24)
 HEADS = dict(num_heads=2, norm_num_groups=8)  # not in the weights
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    "These tests only run models; other test files may have left gradients on."
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)
     m = UNetModel(CONFIG).eval()
-    for p in m.parameters():
-        p.copy_(torch.randn_like(p) * 0.2)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
     return m
 
 
