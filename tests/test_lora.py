@@ -134,3 +134,21 @@ def test_bad_lora_files_name_their_keys(tmp_path, tiny, change, message):
 def test_parse_lora_arg():
     assert parse_lora_arg("a.safetensors:0.3")[1] == 0.3
     assert parse_lora_arg("C:/x/a.safetensors") == (parse_lora_arg("C:/x/a.safetensors")[0], 1.0)
+
+
+def test_pipeline_methods_load_and_unload(tmp_path, tiny):
+    "SD3Pipeline.load_lora / unload_lora (attached in chapter 11) are chapter 15's functions: same output, exact undo."
+    root, inputs = pipe_root(tiny), _inputs(tiny)
+    lora = _random_lora(tiny)
+    with torch.no_grad():
+        expected = root(*inputs)
+        lora.detach()
+        plain = root(*inputs)
+        save_lora(lora, tmp_path / "style.safetensors")
+        attached = tiny.load_lora(tmp_path / "style.safetensors", scale=1.0, name="style")
+        assert tiny.loras == {"style": attached}
+        torch.testing.assert_close(root(*inputs), expected, atol=1e-4, rtol=0)  # the file folds alpha/r into B: fp32 rounding, far below 1e-4
+        with pytest.raises(ValueError, match="already loaded"):
+            tiny.load_lora(tmp_path / "style.safetensors", name="style")
+        tiny.unload_lora("style")
+        assert torch.equal(root(*inputs), plain) and tiny.loras == {}
