@@ -44,6 +44,18 @@ def _random_lora(pipe, rank=4, alpha=8):
     return lora
 
 
+def _saved_random_lora(pipe, path):
+    "A random LoRA saved to `path` and detached: (root, inputs, output with it, output without it, the LoRA)."
+    root, inputs = pipe_root(pipe), _inputs(pipe)
+    lora = _random_lora(pipe)
+    with torch.no_grad():
+        expected = root(*inputs)
+        lora.detach()
+        plain = root(*inputs)
+    save_lora(lora, path)
+    return root, inputs, expected, plain, lora
+
+
 def _folder(path, n=2, caption=True):
     path.mkdir()
     for i in range(n):
@@ -85,13 +97,8 @@ def test_train_lora_bad_folders(tmp_path, capsys, make, message):
 
 
 def test_diffusers_and_kohya_files_load_the_same(tmp_path, tiny):
-    root, inputs = pipe_root(tiny), _inputs(tiny)
-    lora = _random_lora(tiny)
+    root, inputs, expected, plain, lora = _saved_random_lora(tiny, tmp_path / "d.safetensors")
     with torch.no_grad():
-        expected = root(*inputs)
-        lora.detach()
-        plain = root(*inputs)
-        save_lora(lora, tmp_path / "d.safetensors")
         prefix = {"mmdit": "lora_unet", "clip_l": "lora_te1", "clip_g": "lora_te2"}
         kohya = {}
         for path, u in lora.items():
@@ -138,13 +145,8 @@ def test_parse_lora_arg():
 
 def test_pipeline_methods_load_and_unload(tmp_path, tiny):
     "SD3Pipeline.load_lora / unload_lora (attached in chapter 11) are chapter 15's functions: same output, exact undo."
-    root, inputs = pipe_root(tiny), _inputs(tiny)
-    lora = _random_lora(tiny)
+    root, inputs, expected, plain, _ = _saved_random_lora(tiny, tmp_path / "style.safetensors")
     with torch.no_grad():
-        expected = root(*inputs)
-        lora.detach()
-        plain = root(*inputs)
-        save_lora(lora, tmp_path / "style.safetensors")
         attached = tiny.load_lora(tmp_path / "style.safetensors", scale=1.0, name="style")
         assert tiny.loras == {"style": attached}
         torch.testing.assert_close(root(*inputs), expected, atol=1e-4, rtol=0)  # the file folds alpha/r into B: fp32 rounding, far below 1e-4
