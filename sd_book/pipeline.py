@@ -781,6 +781,24 @@ def _to(self, device=None) -> "SD3Pipeline":
 
 SD3Pipeline.from_pretrained, SD3Pipeline.to = _from_pretrained, _to
 
+# %% ../nbs/11_pipeline.ipynb #1328aa51
+def _load_lora(self, path, scale: float = 1.0, name: str | None = None):
+    """Apply a LoRA file (diffusers / peft or kohya names) to this pipeline's MMDiT and CLIP towers at `scale`, under
+    `name` (default: the file's stem); chapter 15 derives it. Returns the attached LoRA."""
+    from sd_book.lora import load_lora  # chapter 15 builds on this module
+
+    return load_lora(self, path, scale, name)
+
+
+def _unload_lora(self, name: str | None = None) -> None:
+    "Remove the LoRA called `name`, or all of them: the pipeline draws as it did before loading."
+    from sd_book.lora import unload_lora
+
+    unload_lora(self, name)
+
+
+SD3Pipeline.load_lora, SD3Pipeline.unload_lora = _load_lora, _unload_lora
+
 # %% ../nbs/11_pipeline.ipynb #bec25c73
 def _model_index(self) -> dict:
     """diffusers' model_index.json for this pipeline: each part's library and class, (None, None) for the parts it does
@@ -828,24 +846,6 @@ def _save_pretrained(self, folder, dtype: torch.dtype | None = None) -> Path:
 
 
 SD3Pipeline._model_index, SD3Pipeline.save_pretrained = _model_index, _save_pretrained
-
-# %% ../nbs/11_pipeline.ipynb #1328aa51
-def _load_lora(self, path, scale: float = 1.0, name: str | None = None):
-    """Apply a LoRA file (diffusers / peft or kohya names) to this pipeline's MMDiT and CLIP towers at `scale`, under
-    `name` (default: the file's stem); chapter 15 derives it. Returns the attached LoRA."""
-    from sd_book.lora import load_lora  # chapter 15 builds on this module
-
-    return load_lora(self, path, scale, name)
-
-
-def _unload_lora(self, name: str | None = None) -> None:
-    "Remove the LoRA called `name`, or all of them: the pipeline draws as it did before loading."
-    from sd_book.lora import unload_lora
-
-    unload_lora(self, name)
-
-
-SD3Pipeline.load_lora, SD3Pipeline.unload_lora = _load_lora, _unload_lora
 
 # %% ../nbs/11_pipeline.ipynb #f4b01571
 @contextmanager
