@@ -79,6 +79,22 @@ def test_train_lora_on_a_folder(tmp_path, tiny):
     assert {v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight")} == {2}
 
 
+def test_train_lora_with_a_new_word(tmp_path):
+    "--new-word writes the word's rows beside the LoRA; generate --lora loads both, and the word is one token."
+    folder = _folder(tmp_path / "d")
+    for caption in folder.glob("*.txt"):
+        caption.write_text("a photo of a wug\n")
+    out = tmp_path / "w.safetensors"
+    args = ["--data", str(folder), "--out", str(out), "--rank", "2", "--steps", "2", "--batch-size", "2", "-q"]
+    assert _run(args + ["--new-word", "wug", "--new-word", "blicket"]) == 0
+    rows, _ = read_lora_file(tmp_path / "w_emb.safetensors")
+    assert {k: tuple(v.shape) for k, v in rows.items()} == {"clip_l": (2, 64), "clip_g": (2, 64)}
+    pipe = SD3Pipeline.from_pretrained()
+    apply_loras(pipe, [parse_lora_arg(str(out))])
+    assert len(pipe.tokenizer_l.encode("wug blicket")) == 2
+    assert _run(args + ["--new-word", "two words"]) == 1
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
