@@ -39,12 +39,30 @@ def test_image_to_image_no_t5_dtype_device(capsys, tiny_folder, tmp_path):
     assert Image.open(tmp_path / "out.png").size == (48, 32)          # the input's size, rounded down to multiples of 16
 
 
+def test_text_encoders_on_cpu(capsys, tiny_folder, tmp_path):
+    "--text-encoders-on-cpu: the encoders in float32 on the CPU beside a bf16 MMDiT; a picture comes out."
+    seen = []
+    original = pipeline.SD3Pipeline.place_text_encoders
+    def spy(self, device="cpu", dtype=None):
+        seen.append((str(device), dtype))
+        return original(self, device, dtype)
+    pipeline.SD3Pipeline.place_text_encoders = spy
+    try:
+        status, out, err = run(capsys, "generate", "a red square", "--model", tiny_folder, "--steps", 2, "--size", "64x64", "--dtype", "bf16",
+                               "--device", "cpu", "--text-encoders-on-cpu", "-q", "--out", tmp_path / "out.png")
+    finally:
+        pipeline.SD3Pipeline.place_text_encoders = original
+    assert status == 0, err
+    assert seen == [("cpu", torch.float32)] and Image.open(tmp_path / "out.png").format == "PNG"
+
+
 def test_console_script_help():
     script = Path(sys.executable).parent / "sd-book"
     assert script.exists(), "the console script is missing: pip install -e . --no-deps"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("generate", "--model", "--negative", "--steps", "--guidance", "--seed", "--size", "--out", "--image", "--strength",
-                   "--dtype", "--device", "--no-t5", "--offload", "--sampler", "--shift", "--lora", "--mask", "train-lora"):
+                   "--dtype", "--device", "--no-t5", "--offload", "--sampler", "--shift", "--lora", "--mask",
+                   "train-lora", "--mask-blur", "--num-images", "--text-encoders-on-cpu"):
         assert option in out
 
 
@@ -115,10 +133,50 @@ def test_lora_option_errors(capsys, tmp_path):
     assert status == 1 and "missing.safetensors" in err
 
 
-def test_mask_is_for_sd12_models(capsys, tmp_path):
+def _grey_levels(path) -> torch.Tensor:
+    return torch.frombuffer(bytearray(Image.open(path).convert("RGB").tobytes()), dtype=torch.uint8).int()
+
+
+def test_inpainting_and_several_pictures(capsys, tiny_folder, tmp_path):
+    "SD3 inpainting with --mask; --num-images 3 --seed 10: seeds 10, 11, 12, each printed, each redrawn alone."
+    from pipeline_fixture import input_picture
+    from sd_book.pipeline import SD3Pipeline
+    input_picture(50, 40).save(tmp_path / "in.png")                 # drawn at 48 x 32: rounded down to multiples of 16
+    mask = Image.new("L", (50, 40), 0)
+    mask.paste(255, (10, 5, 40, 30))
+    mask.save(tmp_path / "mask.png")
+    args = ["generate", "a cat", "--model", tiny_folder, "--image", tmp_path / "in.png",
+            "--mask", tmp_path / "mask.png", "--steps", 2, "--strength", 1]
+    status, out, err = run(capsys, *args, "--seed", 10, "--num-images", 3, "--out", tmp_path / "cat.png")
+    assert status == 0, err
+    names = [tmp_path / f"cat-{i}.png" for i in range(3)]
+    assert out.split() == [str(n) for n in names]
+    assert all(f"seed {10 + i}: {n}" in err for i, n in enumerate(names))
+    status, out, err = run(capsys, *args, "--seed", 11, "-q", "--out", tmp_path / "alone.png")
+    assert status == 0 and out.strip() == str(tmp_path / "alone.png")
+    # a batch of 3 against 1 in the MMDiT: fp32 rounding, at most one grey level
+    assert (_grey_levels(names[1]) - _grey_levels(tmp_path / "alone.png")).abs().max() <= 1
+    direct = SD3Pipeline.from_pretrained(tiny_folder)("a cat", image=Image.open(tmp_path / "in.png").convert("RGB"),
+                                                      mask_image=mask, strength=1.0, height=32, width=48,
+                                                      num_inference_steps=2, seed=11, progress=False)[0]
+    assert Image.open(tmp_path / "alone.png").tobytes() == direct.tobytes()
+    assert not torch.equal(_grey_levels(names[0]), _grey_levels(names[1]))
+    status, out, err = run(capsys, *args, "--seed", 11, "--mask-blur", 2, "-q", "--out", tmp_path / "blurred.png")
+    assert status == 0 and not torch.equal(_grey_levels(tmp_path / "blurred.png"), _grey_levels(tmp_path / "alone.png"))
+
+
+def test_mask_errors(capsys, tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
-    status, out, err = run(capsys, "generate", "a cat", "--image", tmp_path / "in.png", "--mask", tmp_path / "in.png")
-    assert status == 1 and "--mask" in err and "SD 1 / 2" in err
+    Image.new("L", (32, 32)).save(tmp_path / "small_mask.png")
+    status, out, err = run(capsys, "generate", "a cat", "--mask", tmp_path / "in.png")
+    assert status == 1 and "--mask needs --image" in err
+    status, out, err = run(capsys, "generate", "a cat", "--image", tmp_path / "in.png",
+                           "--mask", tmp_path / "small_mask.png")
+    assert status == 1 and "The mask is 32x32 but its picture is 64x64" in err
+    status, out, err = run(capsys, "generate", "a cat", "--image", tmp_path / "in.png", "--mask", tmp_path / "none.png")
+    assert status == 1 and "none.png" in err
+    status, out, err = run(capsys, "generate", "a cat", "--mask-blur", "-2")
+    assert status == 2 and "not a radius" in err
 
 
 def _tiny_sd1(folder):
@@ -165,3 +223,5 @@ def test_generate_runs_sd12_models_through_chapter_17(capsys, tmp_path):
     assert Image.open(tmp_path / "inpaint.png").size == (32, 32)
     status, out, err = run(capsys, "generate", "a cat", "--model", model, "--lora", tmp_path / "x.safetensors")
     assert status == 1 and "--lora is for SD3" in err
+    status, out, err = run(capsys, "generate", "a cat", "--model", model, "--num-images", 2)
+    assert status == 1 and "--num-images is for SD3" in err
