@@ -26,7 +26,15 @@ from .clip import load_clip, num_params
 from .core import cpu_generator, get_device, get_dtype, pil_to_tensor, randn, tensor_to_pil
 from .diffusion import PREDICTION_TYPES, alpha_bars, linear_betas, predict_x0_eps, sampling_timesteps
 from .diffusion import scaled_linear_betas
-from .pipeline import OUTPUT_TYPES, as_texts, classifier_free_guidance, dpmpp_2m_step, image_tensor, tokenize
+from sd_book.pipeline import (
+    OUTPUT_TYPES,
+    as_texts,
+    classifier_free_guidance,
+    dpmpp_2m_step,
+    image_tensor,
+    inpaint_mask,
+    tokenize,
+)
 from .unet import LDM_OPENCLIP_PREFIX, LDM_UNET_PREFIX, load_openclip, load_unet, sd2_context
 from .vae import LatentFormat, load_vae
 
@@ -311,20 +319,9 @@ LDMPipeline.latent_shape, LDMPipeline.encode_image = _latent_shape, _encode_imag
 
 # %% ../nbs/17_ldm.ipynb #537fc46e
 def mask_tensor(mask_image, height: int, width: int) -> torch.Tensor:
-    """A binary mask (B, 1, height, width), 1 where the picture is to be repainted, from a PIL image (grey levels of
-    128 and up count as 1) or a tensor in [0, 1]."""
-    if isinstance(mask_image, torch.Tensor):
-        m = mask_image.float().reshape(-1, 1, *mask_image.shape[-2:])
-    else:
-        ims = mask_image if isinstance(mask_image, (list, tuple)) else [mask_image]
-        ims = [
-            im.convert("L").resize((width, height), Image.LANCZOS) if im.size != (width, height) else im.convert("L")
-            for im in ims
-        ]
-        m = torch.stack([(pil_to_tensor(im.convert("RGB"))[:1] + 1) / 2 for im in ims])  # (B, 1, H, W) in [0, 1]
-    if tuple(m.shape[-2:]) != (height, width):
-        raise ValueError(f"The mask is {m.shape[-2]} x {m.shape[-1]}, the picture {height} x {width}")
-    return (m >= 0.5).float()
+    """A binary mask (B, 1, height, width), 1 where the picture is to be repainted: chapter 11's `inpaint_mask` (a PIL
+    image, resized, or a tensor in [0, 1]) thresholded at one half (grey levels of 128 and up count as 1)."""
+    return (inpaint_mask(mask_image, height, width) >= 0.5).float()
 
 # %% ../nbs/17_ldm.ipynb #6d86496a
 def _inpaint_inputs(self, image, mask_image, height, width, generator, batch):

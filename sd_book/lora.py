@@ -535,8 +535,8 @@ def load_words(pipe: SD3Pipeline, root: nn.Module, path) -> dict:
     wrong = [k for k, r in rows.items() if k not in widths or tuple(r.shape) != (len(words), widths[k])]
     if not words or not rows or wrong:
         raise ValueError(
-            f"{path}: expected the new words in the header's 'words' and tensors clip_l {(len(words), widths['clip_l'])}"
-            f" / clip_g {(len(words), widths['clip_g'])}; got words {words} and "
+            f"{path}: expected the new words in the header's 'words' and tensors "
+            f"clip_l {(len(words), widths['clip_l'])} / clip_g {(len(words), widths['clip_g'])}; got words {words} and "
             f"{ {k: tuple(r.shape) for k, r in rows.items()} }"
         )
     ids = add_words(pipe, words)
@@ -610,7 +610,7 @@ def new_concept_data(n: int, seed: int = 0, word: str = NEW_WORD, thing: tuple =
 
 # %% ../nbs/15_lora.ipynb #4de27be7
 def new_concept_scores(pipe, prompts: list | None = None, images_per_prompt: int = 4, seed: int = 0) -> dict:
-    "GenEval's score of each task of the new word's prompts (default: `new_concept_prompts()`) and their mean 'overall'."
+    "GenEval's score per task of the new word's prompts (default: `new_concept_prompts()`) and their mean 'overall'."
     jobs = geneval_jobs(new_concept_prompts() if prompts is None else prompts, images_per_prompt)
     pictures = pipe([m["prompt"] for m in jobs], seed=seed, progress=False, **pipe.recommended)
     return summarize([(m, evaluate(p, m)[0]) for m, p in zip(jobs, pictures)])
