@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['COLOR_SHAPES', 'GRID', 'EVAL_NETS', 'GENEVAL_TASKS', 'sqrt_psd', 'trace_sqrt_product', 'frechet_distance',
-           'gaussian_stats', 'fid', 'polynomial_kernel', 'mmd2_unbiased', 'kid_subsets', 'kid', 'ImageTower',
-           'scene_targets', 'WorldFeatures', 'EvalNetsConfig', 'scene_data', 'train_world_features', 'as_pictures',
-           'embed', 'info_nce', 'ToyCLIP', 'train_toy_clip', 'clip_score', 'shipped_eval_networks',
-           'save_eval_networks', 'load_eval_networks', 'count_accuracy', 'retrieval_accuracy', 'eval_networks_card',
-           'train_eval_networks', 'reference_pictures', 'measure', 'evaluate_model', 'format_table',
-           'save_geneval_folder', 'add_eval_arguments', 'eval_command', 'jsonable']
+           'gaussian_stats', 'fid', 'polynomial_kernel', 'mmd2_unbiased', 'kid_subsets', 'kid', 'scene_targets',
+           'WorldFeatures', 'EvalNetsConfig', 'scene_data', 'train_world_features', 'as_pictures', 'embed', 'ToyCLIP',
+           'train_toy_clip', 'clip_score', 'shipped_eval_networks', 'save_eval_networks', 'load_eval_networks',
+           'count_accuracy', 'retrieval_accuracy', 'eval_networks_card', 'train_eval_networks', 'reference_pictures',
+           'measure', 'evaluate_model', 'format_table', 'save_geneval_folder', 'add_eval_arguments', 'eval_command',
+           'jsonable']
 
 # %% ../nbs/14_eval.ipynb #4b19488e
 import json
@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from .bpe import CLIPTokenizer
 from .clip import CLIPConfig, CLIPTextEncoder, num_params
 from .core import pil_to_tensor
-from .train import TrainConfig, WorldData, train, train_clip_tokenizers, world_data
+from .train import ImageTower, TrainConfig, WorldData, info_nce, train, train_clip_tokenizers, world_data
 from sd_book.world import (
     CELL,
     COLORS,
@@ -139,23 +139,6 @@ def kid(
     values = torch.stack([mmd2_unbiased(a[i], b[j]) for i, j in subsets])
     return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
 
-# %% ../nbs/14_eval.ipynb #91e67a50
-class ImageTower(nn.Module):
-    """64 x 64 pictures (B, 3, 64, 64) in [-1, 1] -> vectors (B, dim): per level a stride-2 and a stride-1 3x3
-    convolution with ReLUs (64 -> 4 pixels over four levels), then a linear map of the flattened 4 x 4 grid."""
-
-    def __init__(self, dim: int, channels: tuple = (16, 32, 64, 128), size: int = SIZE):
-        super().__init__()
-        layers, c_in = [], 3
-        for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU()]
-            c_in = c
-        self.convs = nn.Sequential(*layers)
-        self.proj = nn.Linear(c_in * (size >> len(channels)) ** 2, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.convs(x).flatten(1))  # (B, C, 4, 4) -> (B, dim)
-
 # %% ../nbs/14_eval.ipynb #a32bb4cd
 COLOR_SHAPES = [(c, s) for c in COLORS for s in SHAPES]
 GRID = SIZE // CELL  # cells per side
@@ -251,12 +234,6 @@ def embed(fn, images, batch_size: int = 500, device=None) -> torch.Tensor:
     "`fn` (a network's feature function) on `images`, in batches moved to `device`: (N, D) float32 on the CPU."
     x = as_pictures(images)
     return torch.cat([fn(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
-
-# %% ../nbs/14_eval.ipynb #df847b67
-def info_nce(logits: torch.Tensor) -> torch.Tensor:
-    "CLIP's symmetric cross-entropy for logits (B, B) between B pictures (rows) and their B captions (columns)."
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 # %% ../nbs/14_eval.ipynb #932aaeac
 class ToyCLIP(nn.Module):

@@ -1,4 +1,6 @@
-"""`sd-book train` as a command: data-parallel training under torchrun equals one process with the same global batch."""
+"""`sd-book train` as a command: data-parallel training under torchrun equals one process with the same global batch,
+for every stage: the VAE, the contrastive pretraining of each text tower (whose loss couples the whole batch, gathered
+across processes) and the MMDiT."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,14 +9,15 @@ import pytest
 import torch
 
 SD_BOOK = Path(sys.executable).parent / "sd-book"
-TINY_RUN = ["--quick", "--scenes", "64", "--vae-steps", "3", "--steps", "4", "--batch-size", "8", "--eval-every", "0", "-q"]
+TINY_RUN = ["--quick", "--scenes", "64", "--vae-steps", "3", "--text-pretrain-steps", "3", "--steps", "4", "--batch-size", "8", "--eval-every", "0", "-q"]
+STAGES = ("vae", "text_1", "text_2", "sd3")
 
 
 def train(out: Path, processes: int) -> dict:
     "The training checkpoints of a tiny `sd-book train` run with `processes` processes under torchrun (gloo on the CPU)."
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", str(SD_BOOK), "train", "--out", str(out), *TINY_RUN]
     subprocess.run(command, check=True, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": str(SD_BOOK.parent)})
-    return {stage: torch.load(out / "training" / f"{stage}.pt", weights_only=True) for stage in ("vae", "sd3")}
+    return {stage: torch.load(out / "training" / f"{stage}.pt", weights_only=True) for stage in STAGES}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +26,7 @@ def runs(tmp_path_factory):
     return train(root / "one", 1), train(root / "two", 2)
 
 
-@pytest.mark.parametrize("stage", ["vae", "sd3"])
+@pytest.mark.parametrize("stage", STAGES)
 def test_two_processes_train_the_weights_of_one(runs, stage):
     one, two = (r[stage] for r in runs)
     assert one["step"] == two["step"] > 0
@@ -34,7 +37,8 @@ def test_two_processes_train_the_weights_of_one(runs, stage):
     assert one["history"]["loss"] != [] and len(one["history"]["loss"]) == len(two["history"]["loss"])
 
 
-def test_the_loss_history_is_the_whole_batch_loss(runs):
-    "Each process computes the loss of its half; the history keeps their mean, the loss of the whole batch, as one process does."
-    one, two = (r["sd3"]["history"]["loss"] for r in runs)
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_loss_history_is_the_whole_batch_loss(runs, stage):
+    "The history keeps the loss of the whole batch, as one process does (the mean of the halves', or the gathered loss)."
+    one, two = (r[stage]["history"]["loss"] for r in runs)
     assert one == pytest.approx(two, rel=1e-5)
