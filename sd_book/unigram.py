@@ -973,8 +973,8 @@ class TokenizerJsonUnigram:
         return ids
 
     def decode(self, ids: list) -> str:
-        """Text from ids as tokenizers decodes with skip_special_tokens=True: special tokens dropped, `▁` to spaces, the
-        first token's removed."""
+        """Text from ids as tokenizers decodes with skip_special_tokens=True: special tokens dropped, `▁` to spaces,
+        the first token's removed."""
         tokens = [self.id_to_token[i] for i in ids if i not in self.special]
         first = "" if self.decode_strip else " "
         return "".join(t.replace(self.decode_rep, first if k == 0 else " ") for k, t in enumerate(tokens))
