@@ -34,7 +34,7 @@ from .flow import flow_interpolate, logit_normal_timesteps, shift_sigma
 from .mmdit import MMDiT, MMDiTConfig
 from .pipeline import SD3Pipeline, join_text_states
 from .vae import AutoencoderKL, LatentFormat, VAEConfig, latent_shape, reparameterize, vae_loss
-from .world import COLORS, SIZE, geneval, make_scenes, render, summarize, uses_held_out
+from .world import COLORS, NUMBERS, SIZE, geneval, make_scenes, render, summarize, uses_held_out
 
 # %% ../nbs/13_train.ipynb #8666ed37
 @dataclass
@@ -316,6 +316,7 @@ class TinySD3Config:
     text_layers: int = 2
     text_positions: int = 16  # tokens per prompt, BOS and EOS included
     text_pretrain_steps: int = 0  # contrastive pretraining of each tower, then frozen; 0: trained with the MMDiT
+    text_pretrain_towers: int = 2  # how many towers, CLIP-L first, are pretrained; the others train with the MMDiT
     text_pretrain_batch: int = 128
     text_pretrain_lr: float = 1e-3
     depth: int = 6
@@ -484,12 +485,17 @@ OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "bel
 
 
 def hard_negative(caption: str) -> str | None:
-    """The caption made false while naming the same things: its relation reversed, or else its two different colours
-    exchanged; None when it has neither."""
+    """The caption made false while naming the same things: its relation reversed, or else its number one higher (four:
+    one lower), or else its two different colours exchanged; None when it has none of these."""
     for relation, opposite in OPPOSITE.items():
         if f" {relation} " in caption:
             return caption.replace(f" {relation} ", f" {opposite} ")
     words = caption.split(" ")
+    counts = [i for i, w in enumerate(words) if w in NUMBERS[2:]]
+    if counts:
+        n = NUMBERS.index(words[counts[0]])
+        words[counts[0]] = NUMBERS[n + 1 if n + 1 < len(NUMBERS) else n - 1]
+        return " ".join(words)
     colours = [w for w in words if w in COLORS]
     if len(colours) != 2 or colours[0] == colours[1]:
         return None
@@ -604,9 +610,13 @@ def train_tiny_sd3(
     config: TinySD3Config, out, device=None, eval_every: int = 0, progress: bool = True, log=print
 ) -> SD3Pipeline:
     """Train the tiny SD3 of `config` from scratch and save it into `out` (diffusers layout, fp16): world, tokenizer,
-    VAE, latents, then text towers and MMDiT together (or, with `text_pretrain_steps`, each tower pretrained and frozen,
-    then the MMDiT); the EMA weights are saved. Checkpoints in out/training/ make an interrupted run resume; GenEval
-    every `eval_every` steps."""
+    VAE, latents, then text towers and MMDiT together (or, with `text_pretrain_steps`, the first `text_pretrain_towers`
+    towers pretrained and frozen, then the others and the MMDiT); the EMA weights are saved. Checkpoints in
+    out/training/ make an interrupted run resume; GenEval every `eval_every` steps."""
+    if config.text_pretrain_towers not in (0, 1, 2):
+        raise ValueError(
+            f"text_pretrain_towers counts towers, CLIP-L first: 0, 1 or 2, got {config.text_pretrain_towers}"
+        )
     out, started, (rank, _) = Path(out), time.time(), distributed()
     work = out / "training"
     work.mkdir(parents=True, exist_ok=True)
@@ -650,7 +660,7 @@ def train_tiny_sd3(
     text_fits = [
         pretrain_text_tower(tower, data, tok, config, config.seed + 3 + i, work / f"text_{i + 1}.pt", device, progress)
         for i, (tower, tok) in enumerate(((model.clip_l, tokenizers[0]), (model.clip_g, tokenizers[1])))
-        if config.text_pretrain_steps
+        if config.text_pretrain_steps and i < config.text_pretrain_towers
     ]
     for i, fit in enumerate(text_fits):
         log(f"text tower {i + 1}: contrastive loss {sum(fit['loss'][-50:]) / 50:.3f}, frozen")
@@ -718,10 +728,12 @@ def model_card(config: TinySD3Config, log: dict, command: str, sizes: dict) -> s
     table = f"| task | score |\n|---|---|\n{rows}" if rows else "Not scored (the run was made with --eval-every 0)."
     settings = ", ".join(f"{k}={v!r}" for k, v in config.recommended.items())
     threads, hardware = torch.get_num_threads(), "GPU" if torch.cuda.is_available() else "CPU"
+    pretrained = ("CLIP-L", "CLIP-G")[: config.text_pretrain_towers if config.text_pretrain_steps else 0]
     towers = (
-        f"each text tower pretrained contrastively with hard negatives ({config.text_pretrain_steps} steps of "
-        f"{config.text_pretrain_batch}, lr {config.text_pretrain_lr}), then frozen; the MMDiT"
-        if config.text_pretrain_steps
+        f"{' and '.join(pretrained)} pretrained contrastively with hard negatives ({config.text_pretrain_steps} steps "
+        f"of {config.text_pretrain_batch}, lr {config.text_pretrain_lr}), then frozen; "
+        f"{'the MMDiT' if len(pretrained) == 2 else 'CLIP-G and the MMDiT together'}"
+        if pretrained
         else "text towers and MMDiT together"
     )
     return f"""# {TINY_NAME}
@@ -773,6 +785,7 @@ CLI_OVERRIDES = (
     "text_width",
     "text_layers",
     "text_pretrain_steps",
+    "text_pretrain_towers",
     "steps",
     "batch_size",
     "lr",
