@@ -281,8 +281,8 @@ def draw_joint_block(config: MMDiTConfig, height: int = 128, width: int = 128, t
     """One joint block: the text and image streams with their own weights, the joint attention, and MMDiT-X's
     image-only attention (dashed) if the config has one; arrows labelled with shapes (batch left out). The figure."""
     N = (height // config.patch_size) * (width // config.patch_size)
-    note = f"in the last block the text half keeps only adaLN\n(β₁, γ₁: 2×{config.hidden_size}), LayerNorm and qkv:"
-    note += " no proj, no MLP"
+    note = "in the last block the text half keeps only adaLN\n"
+    note += f"(β₁, γ₁: 2×{config.hidden_size}), LayerNorm and qkv: no proj, no MLP"
     title = f"one joint block, {text_len} text and {N} image tokens (batch left out)"
     boxes, arrows = joint_block_layout(config, height, width, text_len)
     return draw_diagram(boxes, arrows, (-2.0, 9.8), (1.2, 10.2), title, notes=[((0, 1.9), note)], figsize=(11, 6.4))
